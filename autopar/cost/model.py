@@ -1,0 +1,334 @@
+"""Predict the step time and per-device memory of a plan, term by term.
+
+``estimate(profile, cluster, plan)`` returns a :class:`CostBreakdown`: what
+``autopar explain`` prints and what ``autopar bench`` will compare against
+measurements. [Note: step time] The step is
+
+    pipeline(compute + TP comm + PP comm, bubble) + exposed DP comm + optimizer
+
+where the pipeline part is the closed form of the schedule's task DAG
+(autopar.cost.pipeline tests that the DAG's longest path equals it):
+GPipe and 1F1B take (m - 1) * max_d T_d + sum_d T_d for per-device
+micro-batch times T_d (Narayanan et al. 2021 §2.2.1 for equal stages);
+interleaved 1F1B with v chunks per device takes m * max_d T_d + (p - 1) *
+max_c t_c, which for equal chunks is the paper's bubble (p - 1)/v (§2.2.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+
+from autopar.cluster import ClusterSpec
+from autopar.cost import constants as C
+from autopar.cost.layers import CostOptions, LayerCost, collective_s, layer_costs
+from autopar.errors import AutoparError
+from autopar.plan.types import Plan, Schedule
+from autopar.profile.types import LayerKind, ModelProfile
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageCost:
+    """One pipeline rank (all its chunks)."""
+
+    rank: int
+    chunks: tuple[int, ...]
+    layers: int
+    compute_s: float
+    """Compute of one micro-batch (forward + backward + recompute)."""
+    tp_comm_s: float
+    """TP collectives of one micro-batch."""
+    memory_bytes: dict[str, float]
+    """weights, grads, optimizer, activations, transient, reserve."""
+    peak_bytes: float
+    capacity_bytes: float
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.capacity_bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class CostBreakdown:
+    """The predicted step: every term that makes it up."""
+
+    step_time_s: float
+    compute_s: float
+    tp_comm_s: float
+    pp_comm_s: float
+    dp_comm_s: float
+    bubble_s: float
+    optimizer_s: float
+    stages: tuple[StageCost, ...]
+    tokens_per_s: float
+    model_tflops_per_gpu: float
+    """Model FLOPs (no recomputation) per second per device, in TFLOP/s."""
+    hardware_tflops_per_gpu: float
+    """FLOPs executed (recomputation included), as Narayanan et al. eq. (3) counts."""
+    mfu: float
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def fits(self) -> bool:
+        return all(s.fits for s in self.stages)
+
+    @property
+    def peak_memory_bytes(self) -> list[float]:
+        return [s.peak_bytes for s in self.stages]
+
+    @property
+    def over_bytes(self) -> float:
+        """How far the worst stage is over its capacity (0 when it fits)."""
+        return max(0.0, max(s.peak_bytes - s.capacity_bytes for s in self.stages))
+
+    def breakdown(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in
+                ("compute_s", "tp_comm_s", "pp_comm_s", "dp_comm_s", "bubble_s", "optimizer_s")}
+
+    def to_dict(self) -> dict:
+        return {
+            "step_time_s": self.step_time_s, "tokens_per_s": self.tokens_per_s,
+            "model_tflops_per_gpu": self.model_tflops_per_gpu,
+            "hardware_tflops_per_gpu": self.hardware_tflops_per_gpu, "mfu": self.mfu,
+            "peak_memory_bytes": self.peak_memory_bytes, "fits": self.fits, "over_bytes": self.over_bytes,
+            "breakdown": self.breakdown(),
+            "stages": [asdict(s) | {"fits": s.fits} for s in self.stages],
+        }
+
+
+@lru_cache(maxsize=4096)
+def inflight_per_chunk(schedule: Schedule, pp: int, v: int, m: int) -> tuple[float, ...]:
+    """Peak micro-batches of activations held by each chunk (from the schedule's order)."""
+    from autopar.cost.pipeline import action_orders, peak_inflight
+
+    if pp == 1:
+        return (1.0,)  # gradient accumulation: one micro-batch alive at a time
+    # The peak is reached in the warm-up; past a few rounds of pp micro-batches
+    # more micro-batches only lengthen the steady state, so cap m (tested).
+    cap = m if m <= 4 * pp else 4 * pp
+    return tuple(float(x) for x in peak_inflight(action_orders(schedule.value, pp, v, cap), pp * v))
+
+
+def chunk_ranges(profile: ModelProfile, plan: Plan) -> list[range]:
+    """Layer-index ranges of each chunk, checked against the model's order."""
+    index = {name: i for i, (name, _) in enumerate(profile.flat_layers())}
+    ranges, expected = [], 0
+    for stage in plan.stages:
+        try:
+            idx = [index[n] for n in stage.layers]
+        except KeyError as err:
+            raise AutoparError(f"plan stage {stage.index} names {err.args[0]!r}, not a layer of the model") from None
+        if not idx or idx != list(range(expected, expected + len(idx))):
+            raise AutoparError(f"plan stage {stage.index} is not the next contiguous run of layers")
+        ranges.append(range(idx[0], idx[-1] + 1))
+        expected = idx[-1] + 1
+    if expected != len(index):
+        raise AutoparError(f"plan stages cover {expected} of {len(index)} layers")
+    return ranges
+
+
+def _links(plan: Plan, cluster: ClusterSpec) -> tuple[bool, bool, bool]:
+    """(tp, pp, dp) groups cross nodes? Mesh order dp x pp x tp, TP innermost."""
+    gpn = cluster.gpus_per_node
+    tp_inter = plan.tp > gpn
+    pp_inter = plan.pp > 1 and plan.tp * plan.pp > gpn
+    dp_inter = plan.dp > 1 and plan.world_size > gpn
+    return tp_inter, pp_inter, dp_inter
+
+
+def _device_params(costs: list[LayerCost], ranges: list[range], plan: Plan) -> list[float]:
+    """Parameters held per pipeline rank; a tied weight counts once per rank."""
+    owners: dict[str, int] = {}
+    for c, r in enumerate(ranges):
+        for i in r:
+            owners[costs[i].name] = plan.stage_rank(c)
+    params = [0.0] * plan.pp
+    for c, r in enumerate(ranges):
+        rank = plan.stage_rank(c)
+        for i in r:
+            tied = costs[i].tied_to
+            if tied is None or owners.get(tied) != rank:
+                params[rank] += costs[i].params
+    return params
+
+
+@dataclass(frozen=True)
+class _Device:
+    compute_s: float  # one micro-batch
+    tp_s: float
+    bwd_s: float
+    params: float
+    layers: int
+    act_bytes: float  # held at peak, all chunks
+    work_bytes: float
+    max_layer_params: float
+
+
+def _devices(costs: list[LayerCost], ranges: list[range], plan: Plan, cluster: ClusterSpec,
+             opts: CostOptions, inflight: tuple[float, ...], tp_inter: bool) -> tuple[list[_Device], list[float]]:
+    """Per pipeline rank totals, and per chunk micro-batch time (for the interleaved bubble)."""
+    b = plan.micro_batch_size
+    acc = [dict(compute=0.0, tp=0.0, bwd=0.0, layers=0, act=0.0, work=0.0, maxp=0.0) for _ in range(plan.pp)]
+    chunk_s = []
+    for c, r in enumerate(ranges):
+        d = acc[plan.stage_rank(c)]
+        layer_list = [costs[i] for i in r]
+        compute = b * sum(x.fwd_s + x.bwd_s for x in layer_list)
+        tp_s = collective_s(b * sum(x.tp_bytes for x in layer_list), plan.tp,
+                            sum(x.tp_collectives for x in layer_list), tp_inter, cluster, opts.collective_efficiency)
+        d["compute"] += compute
+        d["tp"] += tp_s
+        d["bwd"] += b * sum(x.bwd_s for x in layer_list)
+        d["layers"] += len(layer_list)
+        d["act"] += inflight[c] * b * sum(x.act_bytes for x in layer_list)
+        d["work"] = max(d["work"], b * max(x.work_bytes for x in layer_list))
+        d["maxp"] = max(d["maxp"], max(x.params for x in layer_list))
+        chunk_s.append(compute + tp_s)
+    params = _device_params(costs, ranges, plan)
+    devices = [_Device(a["compute"], a["tp"], a["bwd"], params[i], a["layers"], a["act"], a["work"], a["maxp"])
+               for i, a in enumerate(acc)]
+    return devices, chunk_s
+
+
+def _memory(dev: _Device, plan: Plan, cluster: ClusterSpec, p2p_bytes: float) -> dict[str, float]:
+    """Bytes on one device at its peak (ZeRO: Rajbhandari et al. 2020 §5)."""
+    dp = plan.dp
+    shard_all = dp if plan.zero_stage >= 3 else 1
+    shard_opt = dp if plan.zero_stage >= 1 else 1
+    transient = dev.work_bytes + 2 * p2p_bytes  # recompute working set; send and receive buffers
+    if plan.zero_stage >= 3 and dp > 1:
+        transient += 2 * dev.max_layer_params * C.PARAM_BYTES  # a gathered layer and the prefetched next one
+    capacity = cluster.device.memory_bytes
+    return {
+        "weights": dev.params * C.PARAM_BYTES / shard_all,
+        "grads": dev.params * C.GRAD_BYTES / shard_all,
+        "optimizer": dev.params * C.OPTIMIZER_BYTES / shard_opt,
+        "activations": dev.act_bytes,
+        "transient": transient,
+        "reserve": cluster.device.context_bytes + C.ALLOCATOR_FRAGMENTATION * capacity,
+    }
+
+
+def _dp_exposed_s(dev: _Device, plan: Plan, cluster: ClusterSpec, opts: CostOptions, dp_inter: bool) -> float:
+    """Data-parallel communication left on the critical path for one device."""
+    dp, m = plan.dp, plan.num_microbatches
+    if dp <= 1:
+        return 0.0
+    grad_bytes = dev.params * C.GRAD_BYTES
+    weight_bytes = dev.params * C.PARAM_BYTES
+    eff = opts.collective_efficiency
+
+    def coll(num_bytes: float, kind: str, calls: int = 1) -> float:
+        return collective_s(num_bytes, dp, calls, dp_inter, cluster, eff, kind)
+
+    if plan.zero_stage == 0:
+        reduce_s, gather_s, window = coll(grad_bytes, "all_reduce"), 0.0, dev.bwd_s
+    elif plan.zero_stage == 1:
+        reduce_s, gather_s, window = coll(grad_bytes, "reduce_scatter"), coll(weight_bytes, "all_gather"), dev.bwd_s
+    else:  # FSDP: gather weights for forward and backward, reduce-scatter grads, every micro-batch
+        calls = dev.layers
+        reduce_s = m * (coll(grad_bytes, "reduce_scatter", calls) + 2 * coll(weight_bytes, "all_gather", calls))
+        gather_s, window = 0.0, m * dev.compute_s
+    if not opts.overlap_dp_comm:
+        return reduce_s + gather_s
+    last_bucket = reduce_s / max(1, dev.layers * (m if plan.zero_stage >= 3 else 1))
+    return max(reduce_s - window, last_bucket) + gather_s
+
+
+def _pipeline_s(devices: list[_Device], chunk_s: list[float], plan: Plan) -> tuple[float, int]:
+    """(pipeline time without p2p, bottleneck rank): see [Note: step time]."""
+    per_mb = [d.compute_s + d.tp_s for d in devices]
+    worst = max(range(plan.pp), key=lambda i: (per_mb[i], -i))
+    m = plan.num_microbatches
+    if plan.pp == 1:
+        return m * per_mb[0], 0
+    if plan.schedule is Schedule.INTERLEAVED_1F1B:
+        return m * per_mb[worst] + (plan.pp - 1) * max(chunk_s), worst
+    return (m - 1) * per_mb[worst] + sum(per_mb), worst
+
+
+def estimate_from_costs(costs: list[LayerCost], ranges: list[range], profile: ModelProfile,
+                        cluster: ClusterSpec, plan: Plan, opts: CostOptions) -> CostBreakdown:
+    """The estimate, from per-layer costs already computed for the plan's TP layout."""
+    tp_inter, pp_inter, dp_inter = _links(plan, cluster)
+    inflight = inflight_per_chunk(plan.schedule, plan.pp, plan.virtual_stages, plan.num_microbatches)
+    devices, chunk_s = _devices(costs, ranges, plan, cluster, opts, inflight, tp_inter)
+    b, m = plan.micro_batch_size, plan.num_microbatches
+    split_send = plan.sequence_parallel or opts.pp_scatter_gather
+    boundary = max((costs[r[-1]].output_bytes for r in ranges[:-1]), default=0.0) * b / (plan.tp if split_send else 1)
+    pipe_s, worst = _pipeline_s(devices, chunk_s, plan)
+    pp_comm_s = 0.0
+    if plan.pp > 1:
+        latency, bandwidth = cluster.link(pp_inter)
+        sends = m * plan.virtual_stages + plan.pp - 1
+        pp_comm_s = 2 * sends * (latency + boundary / (bandwidth * opts.p2p_efficiency))
+    dp_s = max(_dp_exposed_s(d, plan, cluster, opts, dp_inter) for d in devices)
+    opt_shard = plan.dp if plan.zero_stage >= 1 else 1
+    hbm = cluster.device.hbm_bytes_per_s * opts.memory_efficiency
+    optimizer_s = max(d.params for d in devices) / opt_shard * C.OPTIMIZER_TRAFFIC_BYTES_PER_PARAM / hbm
+    step_s = pipe_s + pp_comm_s + dp_s + optimizer_s
+    stages = []
+    for rank, dev in enumerate(devices):
+        mem = _memory(dev, plan, cluster, boundary)
+        stages.append(StageCost(
+            rank=rank, chunks=tuple(range(rank, len(ranges), plan.pp)), layers=dev.layers,
+            compute_s=dev.compute_s, tp_comm_s=dev.tp_s, memory_bytes=mem, peak_bytes=sum(mem.values()),
+            capacity_bytes=cluster.device.memory_bytes))
+    return _summary(profile, plan, cluster, step_s, pipe_s, worst, devices, pp_comm_s, dp_s, optimizer_s, stages)
+
+
+def _summary(profile: ModelProfile, plan: Plan, cluster: ClusterSpec, step_s: float, pipe_s: float,
+             worst: int, devices: list[_Device], pp_comm_s: float, dp_s: float, optimizer_s: float,
+             stages: list[StageCost]) -> CostBreakdown:
+    m, B, n = plan.num_microbatches, plan.global_batch_size, plan.world_size
+    compute_s = m * devices[worst].compute_s
+    tp_s = m * devices[worst].tp_s
+    model_flops = profile.model_flops_per_seq() * B
+    recompute_flops = sum(l.recompute_flops[plan.recompute].total * l.count for l in profile.layers) * B
+    model_tflops = model_flops / step_s / n / 1e12
+    return CostBreakdown(
+        step_time_s=step_s, compute_s=compute_s, tp_comm_s=tp_s, pp_comm_s=pp_comm_s, dp_comm_s=dp_s,
+        bubble_s=max(0.0, pipe_s - compute_s - tp_s), optimizer_s=optimizer_s, stages=tuple(stages),
+        tokens_per_s=B * plan.seq_len / step_s, model_tflops_per_gpu=model_tflops,
+        hardware_tflops_per_gpu=(model_flops + recompute_flops) / step_s / n / 1e12,
+        mfu=model_tflops * 1e12 / cluster.device.peak_flops_per_s,
+    )
+
+
+def estimate(profile: ModelProfile, cluster: ClusterSpec, plan: Plan,
+             opts: CostOptions | None = None) -> CostBreakdown:
+    """Predicted step time and memory of ``plan`` (its stages must be set)."""
+    opts = opts or CostOptions()
+    costs = layer_costs(profile, cluster, tp=plan.tp, sequence_parallel=plan.sequence_parallel,
+                        recompute=plan.recompute, opts=opts)
+    return estimate_from_costs(costs, chunk_ranges(profile, plan), profile, cluster, plan, opts)
+
+
+def chunk_times(profile: ModelProfile, cluster: ClusterSpec, plan: Plan,
+                opts: CostOptions | None = None) -> tuple[list[float], list[float], float]:
+    """(forward s, backward s) of one micro-batch per chunk, and one pipeline send.
+
+    The same numbers the estimate uses, split for the task DAG of
+    autopar.cost.pipeline (the timeline `explain --plot` draws). A chunk's TP
+    collectives are charged to forward and backward by their FLOP shares.
+    """
+    opts = opts or CostOptions()
+    costs = layer_costs(profile, cluster, tp=plan.tp, sequence_parallel=plan.sequence_parallel,
+                        recompute=plan.recompute, opts=opts)
+    tp_inter, pp_inter, _ = _links(plan, cluster)
+    b = plan.micro_batch_size
+    fwd, bwd = [], []
+    for r in chunk_ranges(profile, plan):
+        layer_list = [costs[i] for i in r]
+        f = b * sum(x.fwd_s for x in layer_list)
+        g = b * sum(x.bwd_s for x in layer_list)
+        tp_s = collective_s(b * sum(x.tp_bytes for x in layer_list), plan.tp,
+                            sum(x.tp_collectives for x in layer_list), tp_inter, cluster, opts.collective_efficiency)
+        share = f / (f + g) if f + g > 0 else 0.5
+        fwd.append(f + tp_s * share)
+        bwd.append(g + tp_s * (1 - share))
+    split_send = plan.sequence_parallel or opts.pp_scatter_gather
+    boundary = max((costs[r[-1]].output_bytes for r in chunk_ranges(profile, plan)[:-1]), default=0.0)
+    latency, bandwidth = cluster.link(pp_inter)
+    p2p = latency + b * boundary / (plan.tp if split_send else 1) / (bandwidth * opts.p2p_efficiency)
+    return fwd, bwd, p2p if plan.pp > 1 else 0.0

@@ -1,0 +1,103 @@
+"""`autopar explain`: profile -> search -> report (and plot)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from autopar.cluster import ClusterSpec, load_cluster
+from autopar.errors import AutoparError
+from autopar.plan.types import Pins, Schedule
+from autopar.profile.config import ArchConfig, load_arch
+from autopar.profile.types import ModelProfile, Recompute
+
+DEFAULT_SEQ_LEN = 2048
+DEFAULT_SEQUENCES_PER_GPU = 8
+
+
+def _positive(flag: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise AutoparError(f"{flag} {value}: must be a positive integer")
+
+
+def resolve_seq_len(arch: ArchConfig, seq_len: int | None) -> int:
+    """--seq-len, or 2048 capped by the model's context; refused past a learned position table."""
+    _positive("--seq-len", seq_len)
+    if seq_len is None:
+        return min(DEFAULT_SEQ_LEN, arch.max_position_embeddings)
+    if arch.learned_positions and seq_len > arch.max_position_embeddings:
+        raise AutoparError(f"--seq-len {seq_len} exceeds {arch.name}'s {arch.max_position_embeddings} learned "
+                           f"positions; use at most {arch.max_position_embeddings}")
+    return seq_len
+
+
+def profile_model(arch: ArchConfig, seq_len: int, profiler: str, attention: str) -> ModelProfile:
+    """The analytic profile (no torch), or the meta-device one (builds the HF model)."""
+    if profiler == "meta":
+        print(f"profiling {arch.name} on the meta device (imports torch and transformers)...", file=sys.stderr)
+        from autopar.profile.meta import profile_meta
+
+        return profile_meta(arch, seq_len=seq_len, attention=attention)
+    from autopar.profile.analytic import profile_analytic
+
+    return profile_analytic(arch, seq_len=seq_len, attention=attention)
+
+
+def make_pins(tp=None, pp=None, dp=None, micro_batch=None, virtual_stages=None, schedule=None,
+              recompute=None, zero=None, sequence_parallel=None, tp_across_nodes=False) -> Pins:
+    return Pins(tp=tp, pp=pp, dp=dp, micro_batch_size=micro_batch, virtual_stages=virtual_stages,
+                schedule=Schedule(getattr(schedule, "value", schedule)) if schedule is not None else None,
+                recompute=Recompute(getattr(recompute, "value", recompute)) if recompute is not None else None,
+                zero_stage=zero, sequence_parallel=sequence_parallel, tp_inter_node=tp_across_nodes)
+
+
+def resolve_cluster(cluster: str | None, gpus: int | None, nodes: int | None,
+                    gpus_per_node: int | None) -> ClusterSpec:
+    for flag, value in (("--gpus", gpus), ("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
+        _positive(flag, value)
+    return load_cluster(cluster).with_gpus(gpus, nodes, gpus_per_node)
+
+
+def run_explain(*, model: str, cluster: str | None, gpus: int | None, nodes: int | None,
+                gpus_per_node: int | None, global_batch: int | None, seq_len: int | None, profiler,
+                attention, json_out: bool, plot: Path | None, alternatives: bool, **pin_args) -> None:
+    from autopar.plan.search import search
+
+    arch = load_arch(model)
+    spec = resolve_cluster(cluster, gpus, nodes, gpus_per_node)
+    seq = resolve_seq_len(arch, seq_len)
+    _positive("--global-batch", global_batch)
+    batch = global_batch or DEFAULT_SEQUENCES_PER_GPU * spec.world_size
+    if plot is not None and plot.suffix.lower() not in (".png", ".svg"):
+        raise AutoparError(f"--plot {str(plot)!r}: use a .png or .svg file name")
+    profile = profile_model(arch, seq, getattr(profiler, "value", profiler), getattr(attention, "value", attention))
+    result = search(profile, spec, global_batch_size=batch, pins=make_pins(**pin_args), alternatives=alternatives)
+    if json_out:
+        from autopar.explain.report import result_dict
+
+        print(json.dumps(result_dict(result, profile, spec)))
+    else:
+        from rich.console import Console
+
+        from autopar.explain.report import render
+
+        render(result, profile, spec, Console())
+    if plot is not None:
+        path = write_plot(plot, result.best, profile, spec)
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def write_plot(path: Path, best, profile: ModelProfile, spec: ClusterSpec) -> Path:
+    """Timeline of the best plan's step (the task DAG) and its memory per rank."""
+    from autopar.cost.model import chunk_times
+    from autopar.cost.pipeline import action_orders, simulate
+    from autopar.explain.plot import plot_plan
+
+    plan = best.plan
+    fwd, bwd, p2p = chunk_times(profile, spec, plan)
+    orders = action_orders(plan.schedule.value, plan.pp, plan.virtual_stages, plan.num_microbatches)
+    timeline = simulate(orders, fwd, bwd, p2p)
+    parts = {name: [s.memory_bytes[name] for s in best.cost.stages]
+             for name in ("weights", "grads", "optimizer", "activations", "transient", "reserve")}
+    return plot_plan(path, timeline, parts, spec.device.memory_bytes, f"{profile.name}: {plan.describe()}")

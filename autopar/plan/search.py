@@ -1,0 +1,387 @@
+"""The planner: the fastest layout that fits, and why the others lost.
+
+[Note: search] Every candidate of autopar.plan.space gets a lower bound on
+its step time (perfectly balanced stages: no stage above the mean) and on its
+peak memory. Candidates are visited in order of that bound; each is costed
+exactly, with the stage split from the ILP (autopar.plan.split), until the
+bound reaches the best exact time found. Since the bound never exceeds the
+exact time, the plan returned is optimal under the cost model for the split
+objective (the bottleneck rank's time, which is the whole pipeline time for
+GPipe and 1F1B, and its m-fold main term for interleaved 1F1B). Ties break
+by the candidate's field order, so the same input gives the same plan.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+from autopar.cluster import ClusterSpec
+from autopar.cost import constants as C
+from autopar.cost.layers import CostOptions, LayerCost, collective_s, layer_costs
+from autopar.cost.model import CostBreakdown, estimate_from_costs, inflight_per_chunk
+from autopar.errors import AutoparError
+from autopar.plan.space import Candidate, enumerate_candidates
+from autopar.plan.split import SplitProblem, SplitSolution, solve_split
+from autopar.plan.types import Pins, Plan, StagePlan
+from autopar.profile.types import ModelProfile
+
+ALTERNATIVE_DIMENSIONS = ("tp", "pp", "schedule", "recompute", "zero_stage", "micro_batch_size")
+"""The choices `explain` shows the best alternative for, one per other value."""
+
+EXACT_EVALS_PER_ALTERNATIVE = 4
+"""Exact costings spent on each alternative group after the main search (its
+best by bound order; the main search's own result is exactly optimal)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Evaluated:
+    """A candidate with its split and predicted cost."""
+
+    candidate: Candidate
+    plan: Plan
+    cost: CostBreakdown
+    split: SplitSolution
+
+
+@dataclass(frozen=True, kw_only=True)
+class Alternative:
+    dimension: str
+    value: str
+    evaluated: Evaluated
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchResult:
+    best: Evaluated
+    alternatives: tuple[Alternative, ...]
+    planning_time_s: float
+    candidates: int
+    evaluated: int
+    pruned_by_bound: int
+    pruned_by_memory: int
+    ilp_solves: int
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def search_dict(self) -> dict:
+        return {"planning_time_s": self.planning_time_s, "candidates": self.candidates,
+                "evaluated": self.evaluated, "pruned_by_bound": self.pruned_by_bound,
+                "pruned_by_memory": self.pruned_by_memory, "ilp_solves": self.ilp_solves,
+                "notes": list(self.notes)}
+
+
+@dataclass
+class _Totals:
+    """Whole-model sums for one (tp, sp, recompute) used by the bounds."""
+
+    costs: list[LayerCost]
+    time_s: float
+    tp_bytes: float
+    tp_calls: int
+    params: float
+    act_bytes: float
+    boundary_bytes: float
+    split_time_s: tuple[float, ...]
+
+
+class Planner:
+    """One planning problem: model, cluster, batch, pins and cost options."""
+
+    def __init__(self, profile: ModelProfile, cluster: ClusterSpec, *, global_batch_size: int,
+                 pins: Pins | None = None, opts: CostOptions | None = None) -> None:
+        if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size < 1:
+            raise AutoparError(f"--global-batch {global_batch_size!r}: must be a positive integer")
+        self.profile, self.cluster = profile, cluster
+        self.batch = global_batch_size
+        self.pins = pins or Pins()
+        self.opts = opts or CostOptions()
+        self.names = tuple(name for name, _ in profile.flat_layers())
+        self._totals: dict[tuple, _Totals] = {}
+        self._splits: dict[tuple, SplitSolution] = {}
+        self._evals: dict[Candidate, Evaluated] = {}
+        self.ilp_solves = 0
+
+    # --- bounds -----------------------------------------------------------
+    def totals(self, tp: int, sp: bool, recompute) -> _Totals:
+        key = (tp, sp, recompute)
+        if key not in self._totals:
+            costs = layer_costs(self.profile, self.cluster, tp=tp, sequence_parallel=sp,
+                                recompute=recompute, opts=self.opts)
+            _, bw = self.cluster.link(tp > self.cluster.gpus_per_node)
+            ring = 2 * (tp - 1) / tp / (bw * self.opts.collective_efficiency) if tp > 1 else 0.0
+            self._totals[key] = _Totals(
+                costs=costs, time_s=sum(c.fwd_s + c.bwd_s for c in costs),
+                tp_bytes=sum(c.tp_bytes for c in costs), tp_calls=sum(c.tp_collectives for c in costs),
+                params=float(self.profile_params(costs)), act_bytes=sum(c.act_bytes for c in costs),
+                boundary_bytes=min(c.output_bytes for c in costs[:-1]) if len(costs) > 1 else 0.0,
+                split_time_s=tuple(c.fwd_s + c.bwd_s + c.tp_bytes * ring for c in costs))
+        return self._totals[key]
+
+    @staticmethod
+    def profile_params(costs: list[LayerCost]) -> float:
+        return sum(c.params for c in costs if c.tied_to is None)
+
+    def lower_bound(self, cand: Candidate) -> tuple[float, float]:
+        """(step time, peak memory) no split of this candidate can beat."""
+        t = self.totals(cand.tp, cand.sequence_parallel, cand.recompute)
+        pp, b, m, v = cand.pp, cand.micro_batch_size, cand.num_microbatches, cand.virtual_stages
+        tp_inter = cand.tp > self.cluster.gpus_per_node
+        tp_s = collective_s(b * t.tp_bytes / pp, cand.tp, t.tp_calls // pp, tp_inter, self.cluster,
+                            self.opts.collective_efficiency)
+        per_mb = b * t.time_s / pp + tp_s
+        if pp == 1:
+            pipe = m * per_mb
+        elif v > 1:
+            pipe = m * per_mb + (pp - 1) * per_mb / v
+        else:
+            pipe = (m - 1 + pp) * per_mb
+        pp_comm = 0.0
+        if pp > 1:
+            lat, bw = self.cluster.link(cand.tp * pp > self.cluster.gpus_per_node)
+            split = cand.sequence_parallel or self.opts.pp_scatter_gather
+            size = t.boundary_bytes * b / (cand.tp if split else 1)
+            pp_comm = 2 * (m * v + pp - 1) * (lat + size / (bw * self.opts.p2p_efficiency))
+        params = t.params / pp
+        step = pipe + pp_comm + self._dp_bound(cand, params, b * t.time_s / pp) + self._opt_s(cand, params)
+        # Every chunk holds at least one micro-batch of activations at its peak.
+        return step, self._static_bytes(cand, params) + b * t.act_bytes / pp + self._reserve()
+
+    def _dp_bound(self, cand: Candidate, params: float, compute_s: float) -> float:
+        if cand.dp <= 1:
+            return 0.0
+        inter = cand.dp * cand.tp * cand.pp > self.cluster.gpus_per_node
+        eff = self.opts.collective_efficiency
+        grad, weight = params * C.GRAD_BYTES, params * C.PARAM_BYTES
+
+        def coll(nbytes: float, kind: str) -> float:
+            return collective_s(nbytes, cand.dp, 1, inter, self.cluster, eff, kind)
+
+        # The exact model's overlap window is a rank's backward of one micro-batch
+        # (all its micro-batches under FSDP); the mean fwd+bwd bounds it above.
+        if cand.zero_stage == 0:
+            reduce_s, gather_s, window = coll(grad, "all_reduce"), 0.0, compute_s
+        elif cand.zero_stage == 1:
+            reduce_s, gather_s, window = coll(grad, "reduce_scatter"), coll(weight, "all_gather"), compute_s
+        else:
+            m = cand.num_microbatches
+            reduce_s = m * (coll(grad, "reduce_scatter") + 2 * coll(weight, "all_gather"))
+            gather_s, window = 0.0, m * compute_s
+        if not self.opts.overlap_dp_comm:
+            return reduce_s + gather_s
+        return max(0.0, reduce_s - window) + gather_s
+
+    def _opt_s(self, cand: Candidate, params: float) -> float:
+        shard = cand.dp if cand.zero_stage >= 1 else 1
+        hbm = self.cluster.device.hbm_bytes_per_s * self.opts.memory_efficiency
+        return params / shard * C.OPTIMIZER_TRAFFIC_BYTES_PER_PARAM / hbm
+
+    @staticmethod
+    def _bytes_per_param(cand: Candidate) -> tuple[float, float]:
+        """(weights + grads, optimizer) bytes per parameter under the candidate's ZeRO stage."""
+        all_shard = cand.dp if cand.zero_stage >= 3 else 1
+        opt_shard = cand.dp if cand.zero_stage >= 1 else 1
+        return (C.PARAM_BYTES + C.GRAD_BYTES) / all_shard, C.OPTIMIZER_BYTES / opt_shard
+
+    def _static_bytes(self, cand: Candidate, params: float) -> float:
+        wg, opt = self._bytes_per_param(cand)
+        return params * (wg + opt)
+
+    def _reserve(self) -> float:
+        dev = self.cluster.device
+        return dev.context_bytes + C.ALLOCATOR_FRAGMENTATION * dev.memory_bytes
+
+    # --- exact costing ------------------------------------------------------
+    def _split(self, cand: Candidate, memory_bound: bool) -> SplitSolution:
+        t = self.totals(cand.tp, cand.sequence_parallel, cand.recompute)
+        chunks = cand.pp * cand.virtual_stages
+        if not memory_bound:
+            key = (cand.tp, cand.sequence_parallel, cand.recompute, cand.pp, cand.virtual_stages)
+            problem = SplitProblem(
+                time_s=t.split_time_s, weight_bytes=(0.0,) * len(t.costs), act_bytes=(0.0,) * len(t.costs),
+                num_devices=cand.pp, virtual_stages=cand.virtual_stages, inflight=(1.0,) * chunks,
+                capacity_bytes=math.inf)
+        else:
+            key = cand
+            wg, opt = self._bytes_per_param(cand)
+            b = cand.micro_batch_size
+            transient = max(b * c.work_bytes for c in t.costs)
+            problem = SplitProblem(
+                time_s=t.split_time_s, weight_bytes=tuple(c.params * (wg + opt) for c in t.costs),
+                act_bytes=tuple(b * c.act_bytes for c in t.costs), num_devices=cand.pp,
+                virtual_stages=cand.virtual_stages,
+                inflight=inflight_per_chunk(cand.schedule, cand.pp, cand.virtual_stages, cand.num_microbatches),
+                capacity_bytes=self.cluster.device.memory_bytes - self._reserve() - transient)
+        if key not in self._splits:
+            self._splits[key] = solve_split(problem)
+            self.ilp_solves += 1
+        return self._splits[key]
+
+    def plan_for(self, cand: Candidate, split: SplitSolution) -> Plan:
+        bounds = [*split.boundaries, len(self.names)]
+        stages = tuple(StagePlan(index=c, layers=self.names[bounds[c]:bounds[c + 1]])
+                       for c in range(len(split.boundaries)))
+        return Plan(dp=cand.dp, tp=cand.tp, pp=cand.pp, micro_batch_size=cand.micro_batch_size,
+                    num_microbatches=cand.num_microbatches, schedule=cand.schedule,
+                    virtual_stages=cand.virtual_stages, recompute=cand.recompute, zero_stage=cand.zero_stage,
+                    sequence_parallel=cand.sequence_parallel, stages=stages, global_batch_size=self.batch,
+                    seq_len=self.profile.seq_len, model=self.profile.name,
+                    tp_inter_node=cand.tp > self.cluster.gpus_per_node)
+
+    def evaluate(self, cand: Candidate) -> Evaluated:
+        """Split (time-optimal, then memory-constrained if that does not fit) and cost."""
+        if cand in self._evals:
+            return self._evals[cand]
+        t = self.totals(cand.tp, cand.sequence_parallel, cand.recompute)
+        result = None
+        for memory_bound in (False, True):
+            split = self._split(cand, memory_bound)
+            plan = self.plan_for(cand, split)
+            ranges = [range(a, b) for a, b in zip(split.boundaries, [*split.boundaries[1:], len(self.names)])]
+            cost = estimate_from_costs(t.costs, ranges, self.profile, self.cluster, plan, self.opts)
+            if result is None or cost.fits or cost.over_bytes < result.cost.over_bytes:
+                result = Evaluated(candidate=cand, plan=plan, cost=cost, split=split)
+            if cost.fits or cand.pp == 1:
+                break
+        self._evals[cand] = result
+        return result
+
+
+def _better(a: Evaluated | None, b: Evaluated) -> bool:
+    """Is ``b`` better than ``a``? Fitting first, then faster, then less over, then field order."""
+    if a is None:
+        return True
+    if a.cost.fits != b.cost.fits:
+        return b.cost.fits
+    if not b.cost.fits:
+        return (b.cost.over_bytes, b.candidate) < (a.cost.over_bytes, a.candidate)
+    return (b.cost.step_time_s, b.candidate) < (a.cost.step_time_s, a.candidate)
+
+
+def _scan(planner: Planner, ordered: list[tuple[float, float, Candidate]], capacity: float,
+          budget: int | None = None) -> tuple[Evaluated | None, Evaluated | None, int, int, int]:
+    """Visit candidates in bound order: (best fitting, least over, evaluated, pruned by bound, by memory)."""
+    best = least_over = None
+    evaluated = pruned_memory = 0
+    for i, (time_lb, mem_lb, cand) in enumerate(ordered):
+        if best is not None and time_lb >= best.cost.step_time_s:
+            return best, least_over, evaluated, len(ordered) - i, pruned_memory
+        if budget is not None and evaluated >= budget:
+            break
+        if mem_lb > capacity and (least_over is not None or best is not None):
+            pruned_memory += 1
+            continue
+        ev = planner.evaluate(cand)
+        evaluated += 1
+        if ev.cost.fits:
+            best = ev if _better(best, ev) else best
+        elif _better(least_over, ev):
+            least_over = ev
+    return best, least_over, evaluated, 0, pruned_memory
+
+
+def search(profile: ModelProfile, cluster: ClusterSpec, *, global_batch_size: int, pins: Pins | None = None,
+           opts: CostOptions | None = None, alternatives: bool = True) -> SearchResult:
+    """Plan ``profile`` on ``cluster``: see [Note: search].
+
+    Raises:
+        AutoparError: no layout exists (pins, batch), or nothing fits in memory and
+            nothing was pinned (the message gives the fewest GPUs that could fit).
+    """
+    start = time.perf_counter()
+    pins = pins or Pins()
+    planner = Planner(profile, cluster, global_batch_size=global_batch_size, pins=pins, opts=opts)
+    cands = enumerate_candidates(profile, cluster, global_batch_size=global_batch_size, pins=pins)
+    ordered = sorted((*planner.lower_bound(c), c) for c in cands)
+    capacity = cluster.device.memory_bytes
+    best, least_over, evaluated, pruned_bound, pruned_mem = _scan(planner, ordered, capacity)
+    if best is None:
+        if least_over is None:
+            least_over = planner.evaluate(min(ordered, key=lambda x: (x[1], x[2]))[2])
+        if not _pinned(pins):
+            raise AutoparError(_does_not_fit(profile, cluster, least_over, global_batch_size))
+        best = least_over
+    alts = _alternatives(planner, ordered, best, capacity) if alternatives else ()
+    return SearchResult(
+        best=best, alternatives=alts, planning_time_s=time.perf_counter() - start, candidates=len(cands),
+        evaluated=evaluated, pruned_by_bound=pruned_bound, pruned_by_memory=pruned_mem,
+        ilp_solves=planner.ilp_solves)
+
+
+def _pinned(pins: Pins) -> bool:
+    return any(getattr(pins, f) is not None for f in
+               ("dp", "tp", "pp", "micro_batch_size", "virtual_stages", "schedule", "recompute", "zero_stage"))
+
+
+def _value(cand: Candidate, dim: str) -> str:
+    value = getattr(cand, dim)
+    return value.value if hasattr(value, "value") else str(value)
+
+
+_TERM_LABELS = {"compute_s": "compute", "tp_comm_s": "TP communication", "pp_comm_s": "pipeline sends",
+                "dp_comm_s": "data-parallel communication", "bubble_s": "pipeline bubble",
+                "optimizer_s": "optimizer step"}
+
+
+def explain_loss(alt: Evaluated, best: Evaluated) -> str:
+    """Why ``alt`` lost to ``best``, in one phrase."""
+    gib = 1024**3
+    if not alt.cost.fits:
+        worst = max(alt.cost.stages, key=lambda s: s.peak_bytes)
+        return (f"needs {worst.peak_bytes / gib:.1f} GiB per GPU, device has "
+                f"{worst.capacity_bytes / gib:.0f} GiB")
+    a, b = alt.cost.breakdown(), best.cost.breakdown()
+    term = max(a, key=lambda k: (a[k] - b[k], k))
+    ratio = alt.cost.step_time_s / best.cost.step_time_s
+    share = a[term] / alt.cost.step_time_s
+    if ratio <= 1.0 + 1e-9:
+        return f"as fast ({ratio:.3f}x); the tie goes to the earlier layout in the fixed order"
+    return (f"{ratio:.2f}x slower, {_TERM_LABELS[term]} is {share:.0%} of the step "
+            f"(vs {b[term] / best.cost.step_time_s:.0%})")
+
+
+def _alternatives(planner: Planner, ordered: list, best: Evaluated, capacity: float) -> tuple[Alternative, ...]:
+    """The best layout found for every other value of each dimension."""
+    out = []
+    for dim in ALTERNATIVE_DIMENSIONS:
+        groups: dict[str, list] = {}
+        for item in ordered:
+            groups.setdefault(_value(item[2], dim), []).append(item)
+        for value in sorted(groups, key=lambda v: (len(v), v)):
+            if value == _value(best.candidate, dim):
+                continue
+            fit, over, _, _, _ = _scan(planner, groups[value], capacity, budget=EXACT_EVALS_PER_ALTERNATIVE)
+            ev = fit or over or planner.evaluate(min(groups[value], key=lambda x: (x[1], x[2]))[2])
+            out.append(Alternative(dimension=dim, value=value, evaluated=ev, reason=explain_loss(ev, best)))
+    return tuple(out)
+
+
+def _does_not_fit(profile: ModelProfile, cluster: ClusterSpec, least: Evaluated, batch: int) -> str:
+    gib = 1024**3
+    need = max(s.peak_bytes for s in least.cost.stages)
+    fewest = _fewest_gpus(profile, cluster, batch)
+    where = f"at least {fewest} GPUs" if fewest else "a device with more memory"
+    return (f"{profile.name} fits no layout of {cluster.world_size} x {cluster.device.name}: the leanest "
+            f"({least.plan.describe()}) needs {need / gib:.1f} GiB per GPU, the device has "
+            f"{cluster.device.memory_bytes / gib:.0f} GiB; use {where}, or a smaller --global-batch/--seq-len")
+
+
+def _fewest_gpus(profile: ModelProfile, cluster: ClusterSpec, batch: int, limit: int = 1 << 17) -> int | None:
+    """Smallest world (whole nodes, doubling) whose leanest layout's memory bound fits."""
+    from autopar.profile.types import Recompute
+
+    gpus = cluster.world_size * 2
+    lean = Pins(recompute=Recompute.FULL, micro_batch_size=1)
+    while gpus <= limit:
+        try:
+            bigger = cluster.with_gpus(gpus)
+            planner = Planner(profile, bigger, global_batch_size=batch, pins=lean)
+            cands = enumerate_candidates(profile, bigger, global_batch_size=batch, pins=lean)
+        except AutoparError:
+            gpus *= 2
+            continue
+        if min(planner.lower_bound(c)[1] for c in cands) <= bigger.device.memory_bytes:
+            return gpus
+        gpus *= 2
+    return None

@@ -1,0 +1,138 @@
+"""autopar's view of a model: the typed output of profiling.
+
+All quantities are for ONE sequence (micro-batch size 1) at the profiled
+sequence length; everything a layer does scales linearly with the number of
+sequences, so the cost model multiplies by the micro-batch size.
+
+Quantities that tensor parallelism divides are kept apart from those it
+replicates, as a :class:`TPSplit`, so one profile serves every TP degree:
+``value(tp) = replicated + sharded / tp``. Under sequence parallelism
+(Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+Transformer Models", §4.2.2) the replicated activations and element-wise work
+are also divided by ``tp``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+
+
+class Recompute(str, enum.Enum):
+    """Activation recomputation modes (Korthikanti et al. 2022 §4)."""
+
+    NONE = "none"
+    SELECTIVE = "selective"  # recompute the attention core only (§4.3)
+    FULL = "full"  # keep each block's input, recompute the block in backward
+
+
+class LayerKind(str, enum.Enum):
+    EMBEDDING = "embedding"
+    BLOCK = "block"
+    FINAL_NORM = "final_norm"
+    LM_HEAD = "lm_head"  # the output projection and the loss
+
+
+@dataclass(frozen=True)
+class TPSplit:
+    """A quantity split into the part TP replicates and the part TP shards."""
+
+    replicated: float = 0.0
+    sharded: float = 0.0
+
+    def at(self, tp: int, sequence_parallel: bool = False) -> float:
+        """Per-device value under ``tp``-way tensor parallelism."""
+        if sequence_parallel:
+            return (self.replicated + self.sharded) / tp
+        return self.replicated + self.sharded / tp
+
+    @property
+    def total(self) -> float:
+        return self.replicated + self.sharded
+
+    def __add__(self, other: "TPSplit") -> "TPSplit":
+        return TPSplit(self.replicated + other.replicated, self.sharded + other.sharded)
+
+    def scale(self, factor: float) -> "TPSplit":
+        return TPSplit(self.replicated * factor, self.sharded * factor)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerProfile:
+    """One layer (or a run of identical layers) of the model, per sequence.
+
+    ``module_names`` holds one name per repeat, exactly as ``named_modules()``
+    spells it (a run of 96 identical blocks is one LayerProfile with 96 names).
+    """
+
+    kind: LayerKind
+    module_names: tuple[str, ...]
+    params: TPSplit
+    """Parameter count of one instance (not bytes)."""
+    fwd_flops: TPSplit
+    """Forward FLOPs (matmul-like ops, FlopCounterMode convention: 2 per MAC)."""
+    bwd_flops: TPSplit
+    """Backward FLOPs (about 2x forward for matmuls)."""
+    fwd_traffic_bytes: TPSplit
+    """Bytes read and written by the forward's non-matmul ops (memory-bound work)."""
+    bwd_traffic_bytes: TPSplit
+    """The same for the backward."""
+    activation_bytes: dict[Recompute, TPSplit]
+    """Bytes saved for backward by one forward, for each recomputation mode."""
+    recompute_flops: dict[Recompute, TPSplit]
+    """Extra forward FLOPs spent in backward by each recomputation mode."""
+    recompute_traffic_bytes: dict[Recompute, TPSplit]
+    """Extra non-matmul bytes spent in backward by each recomputation mode."""
+    output_bytes: float
+    """Bytes of this layer's output: what crosses a stage boundary after it."""
+    tp_allreduce_bytes: float = 0.0
+    """Bytes all-reduced across the TP group per forward (the same again in
+    backward; under sequence parallelism each becomes a reduce-scatter plus an
+    all-gather of the same total volume)."""
+    tied_to: str | None = None
+    """Module name whose weight this layer shares (GPT-2's lm_head <- wte)."""
+
+    @property
+    def count(self) -> int:
+        return len(self.module_names)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelProfile:
+    """Ordered layers of a causal LM: embedding, blocks, final norm, LM head."""
+
+    name: str
+    architecture: str
+    """The transformers architecture class, e.g. ``GPT2LMHeadModel``."""
+    seq_len: int
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    dtype_bytes: int
+    """Bytes per element of parameters and activations in the compute dtype."""
+    layers: tuple[LayerProfile, ...]
+    source: str = "analytic"
+    """How it was obtained: ``analytic``, ``meta`` or ``measured``."""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def num_params(self) -> int:
+        """Distinct parameters (a tied weight counted once)."""
+        total = 0
+        for layer in self.layers:
+            if layer.tied_to is None:
+                total += int(layer.params.total) * layer.count
+        return total
+
+    def flat_layers(self) -> list[tuple[str, LayerProfile]]:
+        """(module name, profile) per layer instance, in model order."""
+        return [(name, layer) for layer in self.layers for name in layer.module_names]
+
+    def model_flops_per_seq(self) -> float:
+        """Forward + backward FLOPs of one sequence, without recomputation."""
+        return sum((l.fwd_flops.total + l.bwd_flops.total) * l.count for l in self.layers)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
