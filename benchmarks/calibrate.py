@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="only print the table for the constants in code")
     parser.add_argument("--both", action="store_true", help="fit MEMORY_EFFICIENCY too")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--markdown", action="store_true", help="print the table as markdown (docs/cost-model.md)")
     args = parser.parse_args()
     runs = load_dev_set()
     opts = MEGATRON_2021
@@ -78,6 +79,14 @@ def main() -> None:
     rows = table(runs, opts)
     if args.json:
         print(json.dumps(rows, indent=1))
+        return
+    if args.markdown:
+        print("| row | published s | predicted s | error | TFLOP/s published | predicted | peak GiB | fits |")
+        print("|---|---:|---:|---:|---:|---:|---:|---|")
+        for r in rows:
+            print(f"| {r['id']} | {r['published_s']:.2f} | {r['predicted_s']:.2f} | {r['error']:+.1%} | "
+                  f"{r['published_tflops']:.0f} | {r['predicted_tflops']:.0f} | {r['peak_gib']:.1f} | {r['fits']} |")
+        print(f"\nmax |error| {max(abs(r['error']) for r in rows):.1%}")
         return
     print(f"{'row':18s} {'published s':>12s} {'predicted s':>12s} {'error':>7s} {'TFLOP/s pub':>11s} "
           f"{'pred':>6s} {'peak GiB':>8s} fits")

@@ -90,9 +90,10 @@ def render(result: SearchResult, profile: ModelProfile, cluster: ClusterSpec, co
     if result.alternatives:
         console.print(_alternatives_table(result, Table))
     s = result.search_dict()
-    console.print(f"[dim]searched {s['candidates']} layouts in {s['planning_time_s']:.2f} s: "
-                  f"{s['evaluated']} costed exactly, {s['pruned_by_bound']} pruned by bound, "
-                  f"{s['ilp_solves']} ILP splits; profile: {profile.source}[/]")
+    console.print(f"[dim]searched {s['candidates']} layouts in {s['planning_time_s']:.2f} s "
+                  f"(+{s['alternatives_time_s']:.2f} s for the alternatives): {s['evaluated']} costed exactly, "
+                  f"{s['pruned_by_bound']} pruned by bound, {s['ilp_solves']} stage splits solved; "
+                  f"profile: {profile.source}[/]")
 
 
 def _breakdown_table(cost, Table):

@@ -1,14 +1,15 @@
 """The planner: the fastest layout that fits, and why the others lost.
 
-[Note: search] Every candidate of autopar.plan.space gets a lower bound on
-its step time (perfectly balanced stages: no stage above the mean) and on its
-peak memory. Candidates are visited in order of that bound; each is costed
-exactly, with the stage split from the ILP (autopar.plan.split), until the
-bound reaches the best exact time found. Since the bound never exceeds the
-exact time, the plan returned is optimal under the cost model for the split
-objective (the bottleneck rank's time, which is the whole pipeline time for
-GPipe and 1F1B, and its m-fold main term for interleaved 1F1B). Ties break
-by the candidate's field order, so the same input gives the same plan.
+[Note: search] Every candidate of autopar.plan.space gets a bound on its step
+time from whole-model sums (the mean rank's busy time and a balanced bubble)
+and on its peak memory. Candidates are visited in order of that bound; each
+is costed exactly (stage split by the ILP, autopar.plan.split, then the
+schedule's DAG) unless a tighter bound already reaches the best exact time
+found: the busiest rank of the best possible split (``split_bound``), then
+the floor of the actual split inside ``estimate_from_costs``. The scan stops
+when the next candidate's bound reaches the best. tests/test_search.py shows
+the result equal to costing every candidate. Ties break by the candidate's
+field order, so the same input gives the same plan. docs/planner.md.
 """
 
 from __future__ import annotations
@@ -24,13 +25,19 @@ from autopar.cost.model import CostBreakdown, estimate_from_costs, inflight_per_
 from autopar.errors import AutoparError
 from autopar.plan.space import Candidate, enumerate_candidates
 from autopar.plan.split import SplitProblem, SplitSolution, solve_split
-from autopar.plan.types import Pins, Plan, StagePlan
+from autopar.plan.types import Pins, Plan, Schedule, StagePlan
 from autopar.profile.types import ModelProfile
 
 ALTERNATIVE_DIMENSIONS = ("tp", "pp", "schedule", "recompute", "zero_stage", "micro_batch_size")
 """The choices `explain` shows the best alternative for, one per other value."""
 
-EXACT_EVALS_PER_ALTERNATIVE = 4
+BUBBLE_BOUND_MARGIN = 0.5
+"""Share of the balanced bubble the bound leaves out for 1F1B and interleaved
+1F1B: an uneven split's DAG filled and drained up to 31% faster than the
+balanced bubble on the test problems; tests/test_search.py checks the bound
+against the exact cost of every candidate of its problems."""
+
+EXACT_EVALS_PER_ALTERNATIVE = 2
 """Exact costings spent on each alternative group after the main search (its
 best by bound order; the main search's own result is exactly optimal)."""
 
@@ -63,10 +70,13 @@ class SearchResult:
     pruned_by_bound: int
     pruned_by_memory: int
     ilp_solves: int
+    alternatives_time_s: float = 0.0
+    """Time spent costing the alternatives after the plan was found."""
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def search_dict(self) -> dict:
-        return {"planning_time_s": self.planning_time_s, "candidates": self.candidates,
+        return {"planning_time_s": self.planning_time_s, "alternatives_time_s": self.alternatives_time_s,
+                "candidates": self.candidates,
                 "evaluated": self.evaluated, "pruned_by_bound": self.pruned_by_bound,
                 "pruned_by_memory": self.pruned_by_memory, "ilp_solves": self.ilp_solves,
                 "notes": list(self.notes)}
@@ -131,12 +141,21 @@ class Planner:
         tp_s = collective_s(b * t.tp_bytes / pp, cand.tp, t.tp_calls // pp, tp_inter, self.cluster,
                             self.opts.collective_efficiency)
         per_mb = b * t.time_s / pp + tp_s
-        if pp == 1:
-            pipe = m * per_mb
-        elif v > 1:
-            pipe = m * per_mb + (pp - 1) * per_mb / v
-        else:
-            pipe = (m - 1 + pp) * per_mb
+        pipe = m * per_mb  # the mean rank's busy time bounds any split
+        if pp > 1:
+            # Balanced stages' closed form, its bubble less a margin: see _pipeline_bound.
+            bubble = (pp - 1) * per_mb / v
+            margin = 0.0 if cand.schedule is Schedule.GPIPE else BUBBLE_BOUND_MARGIN
+            pipe = max(pipe, m * per_mb + bubble * (1 - margin))
+            if v == 1:
+                pipe = max(pipe, pp * per_mb / (1 - (1 - 1 / m) ** pp))
+        params = t.params / pp
+        # Every chunk holds at least one micro-batch of activations at its peak.
+        return pipe + self._other_bound(cand, t), self._static_bytes(cand, params) + b * t.act_bytes / pp + self._reserve()
+
+    def _other_bound(self, cand: Candidate, t: _Totals) -> float:
+        """Bounds on the pipeline sends, exposed DP communication and optimizer step."""
+        pp, b, m, v = cand.pp, cand.micro_batch_size, cand.num_microbatches, cand.virtual_stages
         pp_comm = 0.0
         if pp > 1:
             lat, bw = self.cluster.link(cand.tp * pp > self.cluster.gpus_per_node)
@@ -144,9 +163,22 @@ class Planner:
             size = t.boundary_bytes * b / (cand.tp if split else 1)
             pp_comm = 2 * (m * v + pp - 1) * (lat + size / (bw * self.opts.p2p_efficiency))
         params = t.params / pp
-        step = pipe + pp_comm + self._dp_bound(cand, params, b * t.time_s / pp) + self._opt_s(cand, params)
-        # Every chunk holds at least one micro-batch of activations at its peak.
-        return step, self._static_bytes(cand, params) + b * t.act_bytes / pp + self._reserve()
+        return pp_comm + self._dp_bound(cand, params, b * t.time_s / pp) + self._opt_s(cand, params)
+
+    # _pipeline_bound: a perfectly balanced split takes m T + (p - 1) T / v (T
+    # the mean rank's micro-batch time; Narayanan et al. 2021 §2.2). GPipe's
+    # DAG is sum_c T_c + (m - 1) max_c T_c (tests/test_pipeline.py), never below
+    # it. 1F1B and interleaved DAGs of uneven splits can fill and drain faster
+    # than the balanced bubble (by up to 14% and 31% of it on every candidate
+    # of the test problems), so their bubble counts less BUBBLE_BOUND_MARGIN,
+    # with the two rigorous bounds below as floors.
+    # For GPipe and 1F1B, rank d cannot start before the first
+    # micro-batch's forwards on ranks < d, runs m micro-batches (m T_d), and
+    # its last backward is followed by that micro-batch's backwards on ranks
+    # < d: step >= sum_{c<d} T_c + m T_d for every d. Averaging these with
+    # weights w_d that make every T_c's coefficient equal (w_c m + sum_{d>c}
+    # w_d = K) removes the unknown split: step >= sum_c T_c / (1 - (1 - 1/m)^p).
+    # It is m * mean for large m and the one-micro-batch chain for m = 1.
 
     def _dp_bound(self, cand: Candidate, params: float, compute_s: float) -> float:
         if cand.dp <= 1:
@@ -193,26 +225,29 @@ class Planner:
         return dev.context_bytes + C.ALLOCATOR_FRAGMENTATION * dev.memory_bytes
 
     # --- exact costing ------------------------------------------------------
-    def _split(self, cand: Candidate, memory_bound: bool) -> SplitSolution:
+    def _split(self, cand: Candidate, mode: str) -> SplitSolution:
+        """The ILP split for one mode of [Note: split modes]."""
         t = self.totals(cand.tp, cand.sequence_parallel, cand.recompute)
         chunks = cand.pp * cand.virtual_stages
-        if not memory_bound:
-            key = (cand.tp, cand.sequence_parallel, cand.recompute, cand.pp, cand.virtual_stages)
+        # Chunk balancing treats every chunk as its own "device" of the ILP.
+        devices, v = (chunks, 1) if mode.startswith("chunk") else (cand.pp, cand.virtual_stages)
+        if mode == "chunk":
+            key = (cand.tp, cand.sequence_parallel, cand.recompute, chunks)
             problem = SplitProblem(
                 time_s=t.split_time_s, weight_bytes=(0.0,) * len(t.costs), act_bytes=(0.0,) * len(t.costs),
-                num_devices=cand.pp, virtual_stages=cand.virtual_stages, inflight=(1.0,) * chunks,
-                capacity_bytes=math.inf)
+                num_devices=chunks, virtual_stages=1, inflight=(1.0,) * chunks, capacity_bytes=math.inf)
         else:
-            key = cand
             wg, opt = self._bytes_per_param(cand)
             b = cand.micro_batch_size
-            transient = max(b * c.work_bytes for c in t.costs)
+            inflight = inflight_per_chunk(cand.schedule, cand.pp, cand.virtual_stages, cand.num_microbatches)
+            capacity = self.cluster.device.memory_bytes - self._reserve() - max(b * c.work_bytes for c in t.costs)
+            if mode == "chunk_memory":
+                capacity /= cand.virtual_stages  # each of a rank's v chunks gets an equal share: safe
             problem = SplitProblem(
                 time_s=t.split_time_s, weight_bytes=tuple(c.params * (wg + opt) for c in t.costs),
-                act_bytes=tuple(b * c.act_bytes for c in t.costs), num_devices=cand.pp,
-                virtual_stages=cand.virtual_stages,
-                inflight=inflight_per_chunk(cand.schedule, cand.pp, cand.virtual_stages, cand.num_microbatches),
-                capacity_bytes=self.cluster.device.memory_bytes - self._reserve() - transient)
+                act_bytes=tuple(b * c.act_bytes for c in t.costs), num_devices=devices, virtual_stages=v,
+                inflight=inflight, capacity_bytes=capacity)
+            key = problem
         if key not in self._splits:
             self._splits[key] = solve_split(problem)
             self.ilp_solves += 1
@@ -229,23 +264,64 @@ class Planner:
                     seq_len=self.profile.seq_len, model=self.profile.name,
                     tp_inter_node=cand.tp > self.cluster.gpus_per_node)
 
-    def evaluate(self, cand: Candidate) -> Evaluated:
-        """Split (time-optimal, then memory-constrained if that does not fit) and cost."""
+    def evaluate(self, cand: Candidate, prune_above: float | None = None) -> Evaluated | None:
+        """Cost ``cand`` with the best of its split modes: see [Note: split modes].
+
+        With ``prune_above``, return None when no mode can beat that step time
+        (checked on each split before its DAG runs); only full results are kept.
+        """
         if cand in self._evals:
             return self._evals[cand]
         t = self.totals(cand.tp, cand.sequence_parallel, cand.recompute)
-        result = None
-        for memory_bound in (False, True):
-            split = self._split(cand, memory_bound)
+        result, pruned = None, False
+        for mode in _split_modes(cand):
+            split = self._split(cand, mode)
             plan = self.plan_for(cand, split)
             ranges = [range(a, b) for a, b in zip(split.boundaries, [*split.boundaries[1:], len(self.names)])]
-            cost = estimate_from_costs(t.costs, ranges, self.profile, self.cluster, plan, self.opts)
-            if result is None or cost.fits or cost.over_bytes < result.cost.over_bytes:
-                result = Evaluated(candidate=cand, plan=plan, cost=cost, split=split)
-            if cost.fits or cand.pp == 1:
+            cost = estimate_from_costs(t.costs, ranges, self.profile, self.cluster, plan, self.opts, prune_above)
+            if cost is None:
+                pruned = True
+                continue
+            ev = Evaluated(candidate=cand, plan=plan, cost=cost, split=split)
+            if _better(result, ev):
+                result = ev
+            if cost.fits:
                 break
+        if result is None or (pruned and not result.cost.fits):
+            return None
         self._evals[cand] = result
         return result
+
+    def split_bound(self, cand: Candidate) -> float:
+        """A step time no split of ``cand`` beats: m micro-batches on the busiest rank of the
+        split that minimises the busiest rank (memory ignored; cached per TP and pipeline shape),
+        plus the other terms' bounds."""
+        t = self.totals(cand.tp, cand.sequence_parallel, cand.recompute)
+        key = ("rank_time", cand.tp, cand.sequence_parallel, cand.recompute, cand.pp, cand.virtual_stages)
+        if key not in self._splits:
+            chunks = cand.pp * cand.virtual_stages
+            self._splits[key] = solve_split(SplitProblem(
+                time_s=t.split_time_s, weight_bytes=(0.0,) * len(t.costs), act_bytes=(0.0,) * len(t.costs),
+                num_devices=cand.pp, virtual_stages=cand.virtual_stages, inflight=(1.0,) * chunks,
+                capacity_bytes=math.inf))
+            self.ilp_solves += 1
+        pipe = cand.num_microbatches * cand.micro_batch_size * self._splits[key].bottleneck_s
+        return pipe + self._other_bound(cand, t)
+
+def _split_modes(cand: Candidate) -> tuple[str, ...]:
+    """[Note: split modes] The ILP minimises the busiest "device"'s time.
+
+    ``chunk``: every chunk is a device, so chunks come out balanced; the
+    schedule's DAG needs that (interleaved 1F1B with equal per-rank sums but
+    uneven chunks ran 10-45% slower in the DAG). It ignores memory. When it
+    does not fit: ``chunk_memory`` keeps chunks balanced under a per-chunk
+    share of the rank's memory (capacity / v, conservative), then ``rank``
+    balances whole ranks under their real memory (the ILP's own interleaved
+    placement). The first split that fits is kept, else the least over.
+    """
+    if cand.virtual_stages == 1:
+        return ("chunk", "rank")  # with one chunk per rank the two coincide
+    return ("chunk", "chunk_memory", "rank")
 
 
 def _better(a: Evaluated | None, b: Evaluated) -> bool:
@@ -261,24 +337,35 @@ def _better(a: Evaluated | None, b: Evaluated) -> bool:
 
 def _scan(planner: Planner, ordered: list[tuple[float, float, Candidate]], capacity: float,
           budget: int | None = None) -> tuple[Evaluated | None, Evaluated | None, int, int, int]:
-    """Visit candidates in bound order: (best fitting, least over, evaluated, pruned by bound, by memory)."""
+    """Visit candidates in bound order: (best fitting, least over, evaluated, pruned by bound, by memory).
+
+    Three bounds prune, cheapest first: the candidate's balanced bound (the
+    order), its split bound (the busiest rank of the best possible split), and
+    inside evaluate the busiest rank of each actual split.
+    """
     best = least_over = None
-    evaluated = pruned_memory = 0
+    evaluated = pruned_memory = pruned_split = 0
     for i, (time_lb, mem_lb, cand) in enumerate(ordered):
         if best is not None and time_lb >= best.cost.step_time_s:
-            return best, least_over, evaluated, len(ordered) - i, pruned_memory
+            return best, least_over, evaluated, len(ordered) - i + pruned_split, pruned_memory
         if budget is not None and evaluated >= budget:
             break
         if mem_lb > capacity and (least_over is not None or best is not None):
             pruned_memory += 1
             continue
-        ev = planner.evaluate(cand)
+        limit = best.cost.step_time_s if best is not None else None
+        if limit is not None and cand.pp > 1 and planner.split_bound(cand) >= limit:
+            pruned_split += 1
+            continue
+        ev = planner.evaluate(cand, prune_above=limit)
         evaluated += 1
-        if ev.cost.fits:
+        if ev is None:
+            pruned_split += 1
+        elif ev.cost.fits:
             best = ev if _better(best, ev) else best
         elif _better(least_over, ev):
             least_over = ev
-    return best, least_over, evaluated, 0, pruned_memory
+    return best, least_over, evaluated, pruned_split, pruned_memory
 
 
 def search(profile: ModelProfile, cluster: ClusterSpec, *, global_batch_size: int, pins: Pins | None = None,
@@ -302,11 +389,12 @@ def search(profile: ModelProfile, cluster: ClusterSpec, *, global_batch_size: in
         if not _pinned(pins):
             raise AutoparError(_does_not_fit(profile, cluster, least_over, global_batch_size))
         best = least_over
+    planning_s = time.perf_counter() - start
     alts = _alternatives(planner, ordered, best, capacity) if alternatives else ()
     return SearchResult(
-        best=best, alternatives=alts, planning_time_s=time.perf_counter() - start, candidates=len(cands),
+        best=best, alternatives=alts, planning_time_s=planning_s, candidates=len(cands),
         evaluated=evaluated, pruned_by_bound=pruned_bound, pruned_by_memory=pruned_mem,
-        ilp_solves=planner.ilp_solves)
+        ilp_solves=planner.ilp_solves, alternatives_time_s=time.perf_counter() - start - planning_s)
 
 
 def _pinned(pins: Pins) -> bool:

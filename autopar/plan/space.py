@@ -63,8 +63,14 @@ def _tp_options(profile: ModelProfile, cluster: ClusterSpec, world: int, pins: P
     return [t for t in divisors(limit) if world % t == 0 and heads % t == 0 and kv % t == 0]
 
 
-def _schedules(pp: int, m: int, num_layers: int, pins: Pins) -> list[tuple[Schedule, int]]:
-    """(schedule, virtual stages) pairs valid for torch.distributed.pipelining."""
+def _schedules(pp: int, m: int, num_layers: int, num_blocks: int, pins: Pins) -> list[tuple[Schedule, int]]:
+    """(schedule, virtual stages) pairs valid for torch.distributed.pipelining.
+
+    Unpinned, interleaving is tried only where the blocks split evenly into
+    chunks: with uneven chunks the imbalance recurs v times per micro-batch,
+    and in the DAG such layouts lost to even ones by 5-45% on the development
+    set's models (docs/planner.md).
+    """
     if pp == 1:
         return [(Schedule.ONE_F_ONE_B, 1)]
     out = []
@@ -80,7 +86,10 @@ def _schedules(pp: int, m: int, num_layers: int, pins: Pins) -> list[tuple[Sched
         rounds = max(1, m // pp)
         if m % rounds:
             continue  # ScheduleInterleaved1F1B's rule (autopar.cost.pipeline)
-        vs = [pins.virtual_stages] if pins.virtual_stages else range(2, MAX_VIRTUAL_STAGES + 1)
+        if pins.virtual_stages:
+            vs = [pins.virtual_stages]
+        else:  # Megatron-LM's rule: the blocks divide evenly into the pp * v chunks
+            vs = [v for v in range(2, MAX_VIRTUAL_STAGES + 1) if num_blocks % (pp * v) == 0]
         out += [(sched, v) for v in vs if v >= 2 and pp * v <= num_layers]
     return out
 
@@ -106,13 +115,14 @@ def enumerate_candidates(profile: ModelProfile, cluster: ClusterSpec, *, global_
             if global_batch_size % dp:
                 batch_rejected.add(dp)
                 continue
-            out += _per_degrees(tp, pp, dp, global_batch_size // dp, num_layers, pins)
+            out += _per_degrees(tp, pp, dp, global_batch_size // dp, num_layers, profile.num_layers, pins)
     if not out:
         raise AutoparError(_no_layout_reason(profile, world, global_batch_size, pins, batch_rejected))
     return sorted(out)
 
 
-def _per_degrees(tp: int, pp: int, dp: int, per_replica: int, num_layers: int, pins: Pins) -> list[Candidate]:
+def _per_degrees(tp: int, pp: int, dp: int, per_replica: int, num_layers: int, num_blocks: int,
+                 pins: Pins) -> list[Candidate]:
     out = []
     mbs_options = [pins.micro_batch_size] if pins.micro_batch_size else [
         b for b in divisors(per_replica) if b <= MAX_MICRO_BATCH_SIZE]
@@ -125,7 +135,7 @@ def _per_degrees(tp: int, pp: int, dp: int, per_replica: int, num_layers: int, p
         if per_replica % mbs:
             continue
         m = per_replica // mbs
-        for sched, v in _schedules(pp, m, num_layers, pins):
+        for sched, v in _schedules(pp, m, num_layers, num_blocks, pins):
             for rc in recomputes:
                 for zero in zeros:
                     for sp in sps:

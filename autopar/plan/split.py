@@ -1,18 +1,19 @@
 """Pipeline stage split: cut an ordered list of layers into pp * v contiguous chunks.
 
 Chunk c runs on pipeline rank c % pp (interleaved placement, Narayanan et al.
-2021 §2.2.2). The split minimises the bottleneck rank time under a per-rank
-memory capacity. The formulation, its tractability and the oracle tests are in
+2021 §2.2.2). Formulation, tractability, oracle tests and solve times:
 docs/split-ilp.md.
 
 [Note: split objective and tie-break]
-Objectives are applied in order, each one optimal given the ones before:
-  1. fits (every rank within capacity_bytes): least bottleneck seconds;
-     nothing fits: least largest-rank bytes (so the overflow shown is minimal);
-  2. least sum of chunk start indices (cuts as early as possible);
-  3. dp path: lexicographically earliest boundaries; ILP path: the solver's own
-     choice, deterministic for a given solver version (threads=1, no time limit hit).
-A solve that hits time_limit_s raises instead of returning a speed-dependent split.
+  1. If some split fits (every device within capacity_bytes): least bottleneck
+     device time. If none fits: least largest-device memory (smallest overflow).
+  2. Among those: least sum over chunks c of |start_c - c * L // C|, the split
+     closest to the even layer split (Megatron's default). The ILP skips this
+     step when nothing fits.
+  3. "dp" (v == 1): lexicographically earliest boundaries. ILP: the solver's
+     pick, deterministic for a given solver version.
+The dp is exact; the ILP treats bottlenecks within TIE_RTOL as equal. A solve
+that hits time_limit_s raises rather than return a speed-dependent split.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pulp
@@ -28,14 +30,12 @@ from autopar.errors import AutoparError
 
 SOLVERS = ("auto", "highs", "cbc", "dp")
 """Accepted ``solver`` names; "dp" is exact for virtual_stages == 1 only."""
-MIP_TOL = 1e-10
-"""Gap and feasibility tolerance (in scaled units, ~relative) asked of both MIP
-solvers, so that their optima agree with the brute-force oracle to 1e-9."""
-
-
-TIE_RTOL = 1e-10
-"""The tie-break phase keeps the first objective within this relative slack of its
-optimum (exact, from the first phase's split): room for the solver's rounding."""
+MIP_GAP = 1e-10
+"""Relative and absolute MIP gap (scaled units) for both solvers: prove optimality.
+Feasibility tolerances stay at the solvers' defaults (about 1e-6): HiGHS 1.16 at
+1e-10 declared feasible tie-break models infeasible."""
+TIE_RTOL = 1e-9
+"""ILP: splits within this relative slack of the least bottleneck count as optimal."""
 
 
 class SplitTimeLimitError(AutoparError):
@@ -68,18 +68,14 @@ class SplitProblem:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise AutoparError(f"SplitProblem {name}={value!r}; use an integer >= 1")
-        layers = len(self.time_s)
-        if layers < self.num_chunks:
+        layers, pp, v = len(self.time_s), self.num_devices, self.virtual_stages
+        if layers < pp * v:
             raise AutoparError(
-                f"cannot split {layers} layers into num_devices * virtual_stages = "
-                f"{self.num_devices} * {self.virtual_stages} = {self.num_chunks} non-empty chunks; "
-                f"use at most {layers} chunks (fewer pipeline stages or virtual stages)")
-        fixed = self.fixed_bytes or (0.0,) * self.num_devices
-        for name, values, length in (("time_s", self.time_s, layers),
-                                     ("weight_bytes", self.weight_bytes, layers),
-                                     ("act_bytes", self.act_bytes, layers),
-                                     ("inflight", self.inflight, self.num_chunks),
-                                     ("fixed_bytes", fixed, self.num_devices)):
+                f"cannot split {layers} layers into num_devices * virtual_stages = {pp} * {v} "
+                f"= {pp * v} non-empty chunks; use at most {layers} chunks (lower pp or v)")
+        for name, length in (("time_s", layers), ("weight_bytes", layers),
+                             ("act_bytes", layers), ("inflight", pp * v), ("fixed_bytes", pp)):
+            values = getattr(self, name) or ((0.0,) * pp if name == "fixed_bytes" else ())
             object.__setattr__(self, name, _checked_floats(name, values, length))
         cap = self.capacity_bytes
         if not isinstance(cap, (int, float)) or math.isnan(cap) or cap <= 0:
@@ -99,7 +95,7 @@ class SplitProblem:
 
 @dataclass(frozen=True, kw_only=True)
 class SplitSolution:
-    """A split and its per-device cost (exact sums, math.fsum)."""
+    """A split and its per-device cost (sums are exact: math.fsum)."""
 
     boundaries: tuple[int, ...]
     """Start layer index of each chunk; boundaries[0] == 0."""
@@ -112,13 +108,13 @@ class SplitSolution:
     fits: bool
     """Every device within capacity_bytes; if False the split minimises the largest device."""
     solver: str
-    """"dp", "highs", "cbc" or "trivial"."""
+    """"dp", "highs", "cbc" or "trivial" (only one split exists)."""
     solve_time_s: float
     """Wall time of solve_split."""
 
 
 def _checked_floats(name: str, values: tuple[float, ...], length: int) -> tuple[float, ...]:
-    """Return ``values`` as floats, raising if the length or any value is bad."""
+    """``values`` as floats, raising if the length or a value is bad."""
     if len(values) != length:
         raise AutoparError(f"SplitProblem {name} has {len(values)} entries; {length} expected")
     out = tuple(float(x) for x in values)
@@ -129,10 +125,10 @@ def _checked_floats(name: str, values: tuple[float, ...], length: int) -> tuple[
 
 
 def chunk_layers(boundaries: tuple[int, ...] | list[int], num_layers: int) -> list[range]:
-    """Layer index ranges of each chunk, e.g. ``(0, 3, 5), 7 -> [0..2, 3..4, 5..6]``.
+    """Layer ranges of each chunk: ``(0, 3, 5), 7 -> [range(0, 3), range(3, 5), range(5, 7)]``.
 
     Raises:
-        AutoparError: boundaries do not start at 0 or are not strictly increasing below num_layers.
+        AutoparError: boundaries do not start at 0 or do not increase strictly below num_layers.
     """
     b = list(boundaries)
     if not b or b[0] != 0 or any(x >= y for x, y in zip(b, b[1:])) or b[-1] >= num_layers:
@@ -167,104 +163,105 @@ def solve_split(problem: SplitProblem, *, solver: str = "auto",
     Args:
         problem: layers, devices and memory.
         solver: "auto" (dp when v == 1, else HiGHS, else CBC), "highs", "cbc" or "dp".
-        time_limit_s: wall-clock budget for the ILP, all phases together.
+        time_limit_s: wall-clock budget for the ILP, all its solves together.
 
     Returns:
         The split; ``fits`` is False when no split fits in capacity_bytes.
 
     Raises:
-        AutoparError: unknown or unavailable solver, or "dp" with virtual_stages > 1.
+        AutoparError: unknown or unavailable solver, "dp" with virtual_stages > 1, or
+            time_limit_s <= 0.
         SplitTimeLimitError: the ILP did not prove optimality within time_limit_s.
         RuntimeError: the MIP solver failed.
     """
     start = time.perf_counter()
-    name = _pick_solver(problem, solver)
+    name = _pick_solver(problem, solver, time_limit_s)
     if problem.num_chunks in (1, problem.num_layers):  # exactly one split exists
         name, bounds = "trivial", tuple(range(problem.num_chunks))
     elif name == "dp":
         bounds = _solve_dp(problem)
     else:
         bounds = _solve_ilp(problem, name, start + time_limit_s)
-    return evaluate_split(problem, bounds, solver=name,
-                          solve_time_s=time.perf_counter() - start)
+    return evaluate_split(problem, bounds, solver=name, solve_time_s=time.perf_counter() - start)
 
 
-def _pick_solver(problem: SplitProblem, solver: str) -> str:
-    """Resolve "auto" and check that the named solver can run."""
+def _pick_solver(problem: SplitProblem, solver: str, time_limit_s: float) -> str:
+    """Check the arguments, resolve "auto", and check that the solver can run."""
     if solver not in SOLVERS:
         raise AutoparError(f"split solver {solver!r}; use one of {', '.join(SOLVERS)}")
+    if not time_limit_s > 0:
+        raise AutoparError(f"split time_limit_s={time_limit_s!r}; use a number of seconds > 0")
     if solver == "dp" and problem.virtual_stages > 1:
         raise AutoparError(f"split solver 'dp' needs virtual_stages == 1, got "
                            f"{problem.virtual_stages}; use solver='auto', 'highs' or 'cbc'")
+    if solver == "auto" and problem.virtual_stages == 1:
+        return "dp"
     if solver == "auto":
-        if problem.virtual_stages == 1:
-            return "dp"
         solver = "highs" if pulp.HiGHS(msg=False).available() else "cbc"
-    if not _mip_solver(solver, None).available():
+    if solver != "dp" and not _mip_solver(solver, None).available():
         raise AutoparError(f"split solver {solver!r} is not available; install highspy "
                            "(pip install highspy) or use solver='cbc'")
     return solver
 
 
-# ---------------------------------------------------------------- dp (v == 1)
+def _even_starts(problem: SplitProblem) -> list[int]:
+    """Start of each chunk in the even layer split: c * L // C."""
+    return [c * problem.num_layers // problem.num_chunks for c in range(problem.num_chunks)]
 
 
 def _solve_dp(problem: SplitProblem) -> tuple[int, ...]:
-    """Exact split for v == 1, where each chunk is a device and costs are per chunk.
+    """Exact split for v == 1, where each chunk is a device and every cost is per chunk.
 
-    Segment [p, q) costs are (L+1) x (L+1) matrices from prefix sums; a min-max
-    dynamic program over chunks gives the optimum, a min-sum one the tie-break.
+    Chunk c starts at c + k for k < w = L - C + 1 (each chunk holds a layer), so
+    its costs are w x w matrices [k, j] for chunk [c + k, c + 1 + j), from prefix
+    sums. A min-max dynamic program over chunks gives objective 1, a min-sum one
+    objective 2. Work is C * w^2: small when C is near L as well as when C is small.
     """
-    L, pp = problem.num_layers, problem.num_devices
-    valid = np.triu(np.ones((L + 1, L + 1), dtype=bool), k=1)
-    seg = [np.where(valid, _segment_sums(x), np.inf)
-           for x in (problem.time_s, problem.weight_bytes, problem.act_bytes)]
-    mem = [seg[1] + problem.inflight[c] * seg[2] + problem.fixed_bytes[c] for c in range(pp)]
-    costs = [np.where(m <= problem.capacity_bytes, seg[0], np.inf) for m in mem]
+    L, C, cap = problem.num_layers, problem.num_chunks, problem.capacity_bytes
+    w = L - C + 1
+    ends_after_start = np.arange(w)[None, :] >= np.arange(w)[:, None]
+    prefix = [np.concatenate(([0.0], np.cumsum(x)))
+              for x in (problem.time_s, problem.weight_bytes, problem.act_bytes)]
+    seg = [[np.where(ends_after_start, p[c + 1:c + 1 + w][None, :] - p[c:c + w][:, None], np.inf)
+            for c in range(C)] for p in (prefix if math.isfinite(cap) else prefix[:1])]
+    costs = seg[0]
+    if math.isfinite(cap):
+        mem = [seg[1][c] + problem.inflight[c] * seg[2][c] + problem.fixed_bytes[c]
+               for c in range(C)]
+        costs = [np.where(m <= cap, t, np.inf) for m, t in zip(mem, seg[0])]
     best = _minmax_value(costs)
     if not math.isfinite(best):  # nothing fits: minimise the largest device instead
-        costs = mem
-        best = _minmax_value(costs)
-    return _earliest_split([cost <= best for cost in costs])
-
-
-def _segment_sums(values: tuple[float, ...]) -> np.ndarray:
-    """[p, q] = sum of values[p:q] (meaningful for q > p)."""
-    prefix = np.concatenate(([0.0], np.cumsum(values)))
-    return prefix[None, :] - prefix[:, None]
+        costs, best = mem, _minmax_value(mem)
+    return _closest_to_even([cost <= best for cost in costs], _even_starts(problem))
 
 
 def _minmax_value(costs: list[np.ndarray]) -> float:
-    """Least over splits of the largest chunk cost; costs[c][p, q] is chunk c = [p, q)."""
-    n = costs[0].shape[0]
-    best = np.full(n, np.inf)
-    best[-1] = 0.0  # after the last chunk all layers are covered
+    """Least over splits of the largest chunk cost (costs[c][k, j] as in _solve_dp)."""
+    best = np.full(costs[0].shape[0], np.inf)  # best[j]: the chunks after, from c + 1 + j
+    best[-1] = 0.0  # after the last chunk: layer L, every layer covered
     for cost in reversed(costs):
         best = np.maximum(cost, best[None, :]).min(axis=1)
     return float(best[0])
 
 
-def _earliest_split(allowed: list[np.ndarray]) -> tuple[int, ...]:
-    """Split using only allowed[c][p, q] chunks: least sum of starts, then lexicographic."""
-    n = allowed[0].shape[0]
-    tails = [np.full(n, np.inf)]
+def _closest_to_even(allowed: list[np.ndarray], even: list[int]) -> tuple[int, ...]:
+    """Split of allowed[c][k, j] chunks: least sum |start - even|, then lexicographic."""
+    w = allowed[0].shape[0]
+    tails = [np.full(w, np.inf)]  # tails[-1][k]: least cost of the chunks from c + k on
     tails[0][-1] = 0.0
-    for ok in reversed(allowed):  # tails[k]: least sum of starts of the last k chunks
-        tails.append(np.arange(n) + np.where(ok, tails[-1][None, :], np.inf).min(axis=1))
+    for c in reversed(range(len(allowed))):
+        step = np.where(allowed[c], tails[-1][None, :], np.inf).min(axis=1)
+        tails.append(np.abs(c + np.arange(w) - even[c]) + step)
     if not math.isfinite(tails[-1][0]):
         raise RuntimeError("split dp found no split at its own optimum; this is a bug")
     bounds = [0]
-    for c in range(len(allowed) - 1):
-        rest = tails[len(allowed) - 1 - c]
-        bounds.append(int(np.argmin(np.where(allowed[c][bounds[-1]], rest, np.inf))))
+    for c in range(len(allowed) - 1):  # argmin takes the first, i.e. earliest, tie
+        rest = np.where(allowed[c][bounds[-1] - c], tails[len(allowed) - 1 - c], np.inf)
+        bounds.append(c + 1 + int(np.argmin(rest)))
     return tuple(bounds)
 
 
-# ---------------------------------------------------------------- ILP (any v)
-
-
-@dataclass(frozen=True)
-class _Run:
+class _Run(NamedTuple):
     """Consecutive identical layers (equal time, weight and activation bytes)."""
 
     start: int
@@ -280,8 +277,7 @@ def _runs(problem: SplitProblem) -> list[_Run]:
     runs: list[_Run] = []
     for i, key in enumerate(keys):
         if runs and keys[i - 1] == key:
-            last = runs[-1]
-            runs[-1] = _Run(last.start, last.length + 1, *key)
+            runs[-1] = runs[-1]._replace(length=runs[-1].length + 1)
         else:
             runs.append(_Run(i, 1, *key))
     return runs
@@ -289,61 +285,122 @@ def _runs(problem: SplitProblem) -> list[_Run]:
 
 @dataclass(frozen=True)
 class _Model:
-    """The ILP of docs/split-ilp.md, ready to take a primary objective."""
+    """The ILP of docs/split-ilp.md. prefix[c + 1][r] counts layers of run r in chunks
+    <= c (prefix[0] is zeros); largest["time"/"memory"] bound every device's load, in
+    ``units`` (seconds or bytes per model unit); overflow is the capacity rows' slack."""
 
     lp: pulp.LpProblem
-    prefix: list[list[pulp.LpAffineExpression | int]]
-    """prefix[c][r]: layers of run r in chunks <= c (c = -1 .. C-1, shifted by one)."""
-    device_time: list[pulp.LpAffineExpression]
-    """Per device, in units of ``time_unit`` seconds."""
-    device_mem: list[pulp.LpAffineExpression]
-    """Per device, in units of ``mem_unit`` bytes, fixed bytes included."""
-    time_unit: float
-    mem_unit: float
+    prefix: list[list[pulp.LpVariable | int]]
+    largest: dict[str, pulp.LpVariable]
+    units: dict[str, float]
+    overflow: pulp.LpVariable
 
 
 def _solve_ilp(problem: SplitProblem, solver: str, deadline: float) -> tuple[int, ...]:
-    """Lexicographic ILP: bottleneck (or largest memory), then sum of chunk starts."""
-    model, primary = _primary_model(problem, memory=False)
-    if _run_mip(model.lp, solver, deadline) == pulp.LpStatusInfeasible:
-        model, primary = _primary_model(problem, memory=True)  # nothing fits
-        _require_optimal(_run_mip(model.lp, solver, deadline), "largest memory")
-    first = evaluate_split(problem, _read_boundaries(problem, model))
-    exact = max(first.device_memory_bytes) / model.mem_unit if primary.name == "largest_memory" \
-        else first.bottleneck_s / model.time_unit  # solvers report values to ~8 digits only
-    primary.upBound = exact * (1 + TIE_RTOL)
-    model.lp.setObjective(pulp.lpSum(q for row in model.prefix[1:-1] for q in row))
-    _require_optimal(_run_mip(model.lp, solver, deadline), "tie-break")
-    return _read_boundaries(problem, model)
+    """Objectives 1 and 2 by MIP solves, often one (docs/split-ilp.md, "Solves")."""
+    runs = _runs(problem)
+    model = _build_model(problem, runs)
+    slowest, largest = model.largest["time"], model.largest["memory"]
+    least_bytes = _memory_lower_bound(problem, runs)
+    largest.lowBound = least_bytes / model.units["memory"]
+    if least_bytes <= problem.capacity_bytes:  # some split may fit
+        tie_break = _distance_to_even(model, problem)
+        lower = _time_lower_bound(problem, runs)
+        slowest.lowBound = lower / model.units["time"]
+        bounds = _tie_break(problem, runs, model, tie_break, lower, solver, deadline)
+        if bounds is not None:
+            return bounds
+        slowest.upBound = None  # the lower bound is not reached, or nothing fits
+        model.lp.setObjective(pulp.lpSum(slowest))
+        if _run_mip(model.lp, solver, deadline, "bottleneck") == pulp.LpStatusOptimal:
+            best = _read_boundaries(problem, runs, model)
+            limit_s = evaluate_split(problem, best).bottleneck_s  # exact: solvers print ~8 digits
+            return _tie_break(problem, runs, model, tie_break, limit_s, solver, deadline) or best
+    slowest.upBound = None  # nothing fits: minimise the largest device
+    model.overflow.upBound = None
+    model.lp.setObjective(pulp.lpSum(largest))
+    _run_mip(model.lp, solver, deadline, "largest memory", must_solve=True)
+    return _read_boundaries(problem, runs, model)
 
 
-def _primary_model(problem: SplitProblem, *, memory: bool) -> tuple[_Model, pulp.LpVariable]:
-    """The model with its first objective: bottleneck time within capacity, or largest memory."""
-    model = _build_model(problem, _runs(problem))
-    lp = model.lp
-    if memory:
-        primary = pulp.LpVariable("largest_memory")
-        loads, limit = model.device_mem, []
-    else:
-        lower = max(math.fsum(problem.time_s) / problem.num_devices, max(problem.time_s))
-        primary = pulp.LpVariable("bottleneck", lowBound=lower / model.time_unit)
-        loads, limit = model.device_time, model.device_mem
-    lp.setObjective(pulp.lpSum(primary))
-    for d, expr in enumerate(loads):
-        lp.addConstraint(expr <= primary, f"load_{d}")
-    if math.isfinite(problem.capacity_bytes):
-        for d, expr in enumerate(limit):
-            lp.addConstraint(expr <= problem.capacity_bytes / model.mem_unit, f"mem_{d}")
-    return model, primary
+def _tie_break(problem: SplitProblem, runs: list[_Run], model: _Model,
+               tie_break: pulp.LpAffineExpression, limit_s: float, solver: str,
+               deadline: float) -> tuple[int, ...] | None:
+    """The closest-to-even split with bottleneck <= limit_s (+ TIE_RTOL); None if the
+    solver finds none or its split is over by more (its feasibility tolerance is ~1e-6)."""
+    model.largest["time"].upBound = limit_s / model.units["time"] * (1 + TIE_RTOL)
+    model.lp.setObjective(tie_break)
+    if _run_mip(model.lp, solver, deadline, "tie-break") != pulp.LpStatusOptimal:
+        return None
+    bounds = _read_boundaries(problem, runs, model)
+    over = evaluate_split(problem, bounds).bottleneck_s > limit_s * (1 + TIE_RTOL)
+    return None if over else bounds
+
+
+def _time_lower_bound(problem: SplitProblem, runs: list[_Run]) -> float:
+    """A valid lower bound on the bottleneck that knows layers are indivisible.
+
+    Relaxation: the run with the most total time keeps whole layers (k_d on device
+    d), every other layer is fluid except layers 0 and L-1, pinned to devices 0 and
+    (C-1) % pp. So T >= total / pp and sum_d floor((T - pin_d) / t) >= m. The LP
+    bound alone is total / pp, and the MIP then spends 100s of ms on the gap.
+    """
+    pp, L = problem.num_devices, problem.num_layers
+    bound = max(math.fsum(problem.time_s) / pp, max(problem.time_s))
+    big = max(runs, key=lambda run: run.length * run.time_s)
+    if big.length == 1 or big.time_s == 0:
+        return bound
+    pins = [0.0] * pp
+    for layer, device in ((0, 0), (L - 1, (problem.num_chunks - 1) % pp)):
+        if not big.start <= layer < big.start + big.length:
+            pins[device] += problem.time_s[layer]
+    whole = [lambda T, p=p: math.floor((T - p) / big.time_s + 1e-9) for p in pins]
+    while sum(max(0, f(bound)) for f in whole) < big.length:  # next step of the floors
+        bound = min((f(bound) + 1) * big.time_s + p for f, p in zip(whole, pins))
+    return bound
+
+
+def _memory_lower_bound(problem: SplitProblem, runs: list[_Run]) -> float:
+    """A valid lower bound on the largest device memory, in bytes.
+
+    On device d every layer costs at least w + f_d * a (f_d: least in-flight count of
+    its chunks), plus (f_c - f_d) * amin_c for each chunk c, amin_c being the least
+    act_bytes chunk c can hold (it is non-empty). As in _time_lower_bound the
+    costliest run keeps whole layers, layers 0 and L-1 are pinned, the rest is fluid
+    at its cheapest; the least feasible peak M is found by bisection.
+    """
+    pp, L, C = problem.num_devices, problem.num_layers, problem.num_chunks
+    f, w, a = problem.inflight, problem.weight_bytes, problem.act_bytes
+    least = [min(f[d::pp]) for d in range(pp)]
+    base = [problem.fixed_bytes[d] + math.fsum((f[c] - least[d]) * min(a[c:L - C + c + 1])
+                                               for c in range(d, C, pp)) for d in range(pp)]
+    big = max(runs, key=lambda run: run.length * (run.weight_bytes + min(least) * run.act_bytes))
+    whole = range(big.start, big.start + big.length)
+    for layer, d in ((0, 0), (L - 1, (C - 1) % pp)):
+        base[d] += 0.0 if layer in whole else w[layer] + least[d] * a[layer]
+    fluid = math.fsum(w[i] + min(least) * a[i] for i in range(1, L - 1) if i not in whole)
+    unit = sorted((big.weight_bytes + least[d] * big.act_bytes, base[d]) for d in range(pp))
+
+    def feasible(peak: float) -> bool:  # fill the cheapest devices with whole layers first
+        left, spare = big.length, pp * peak - math.fsum(base) - fluid
+        for cost, floor_bytes in unit:
+            k = left if cost == 0 else min(left, math.floor((peak - floor_bytes) / cost))
+            left, spare = left - k, spare - k * cost
+        return left == 0 and spare >= 0
+
+    lo, hi = max(base), max(base) + math.fsum(w) + max(f) * math.fsum(a) + 1.0
+    while hi - lo > 1e-12 * hi:
+        lo, hi = (lo, (lo + hi) / 2) if feasible((lo + hi) / 2) else ((lo + hi) / 2, hi)
+    return lo
 
 
 def _build_model(problem: SplitProblem, runs: list[_Run]) -> _Model:
-    """Variables and contiguity constraints; device time and memory as expressions."""
+    """Prefix-count variables, contiguity, and the device time and memory rows."""
     L, C = problem.num_layers, problem.num_chunks
     lp = pulp.LpProblem("stage_split", pulp.LpMinimize)
-    prefix: list[list[pulp.LpAffineExpression | int]] = [[0] * len(runs)]
+    prefix: list[list] = [[0] * len(runs)]
     for c in range(C - 1):  # chunk c ends at layer >= c + 1 and leaves >= C-1-c layers
-        prefix.append([_bounded_int(f"q_{c}_{r}", c + 1 - run.start,
+        prefix.append([_bounded_int(lp, f"q_{c}_{r}", c + 1 - run.start,
                                     L - (C - 1 - c) - run.start, run.length)
                        for r, run in enumerate(runs)])
     prefix.append([run.length for run in runs])
@@ -353,128 +410,138 @@ def _build_model(problem: SplitProblem, runs: list[_Run]) -> _Model:
             _add(lp, now[r] >= before[r])  # counts are cumulative
         _add(lp, pulp.lpSum(now) - pulp.lpSum(before) >= 1)  # chunk c is non-empty
         _add_contiguity(lp, c, runs, now)
-    time_unit = max(math.fsum(problem.time_s) / problem.num_devices, 1e-300)
-    cap = problem.capacity_bytes
-    mem_unit = cap if math.isfinite(cap) else max(max(problem.weight_bytes), 1.0)
-    times, mems = _device_terms(lp, problem, runs, prefix, time_unit, mem_unit)
-    return _Model(lp, prefix, times, mems, time_unit, mem_unit)
+    cap, pp = problem.capacity_bytes, problem.num_devices
+    spread = (math.fsum(problem.weight_bytes) + max(problem.inflight)
+              * math.fsum(problem.act_bytes)) / pp  # a device's share, if no capacity
+    units = {"time": max(math.fsum(problem.time_s) / pp, 1e-300),
+             "memory": cap if math.isfinite(cap) else max(spread, 1.0)}
+    largest = {kind: _new_var(lp, f"largest_{kind}") for kind in units}
+    model = _Model(lp, prefix, largest, units, _new_var(lp, "overflow", 0, 0))
+    _add_device_rows(model, problem, runs)
+    return model
 
 
-def _bounded_int(name: str, low: int, high: int, length: int) -> pulp.LpVariable | int:
+def _new_var(lp: pulp.LpProblem, name: str, low: float | None = None,
+             high: float | None = None, cat: str = pulp.LpContinuous) -> pulp.LpVariable:
+    """A variable of ``lp`` (PuLP >= 3.3 spells it add_variable; older has LpVariable)."""
+    make = getattr(lp, "add_variable", None)
+    return make(name, low, high, cat) if make else pulp.LpVariable(name, low, high, cat)
+
+
+def _bounded_int(lp: pulp.LpProblem, name: str, low: int, high: int,
+                 length: int) -> pulp.LpVariable | int:
     """An integer in [low, high] clamped to [0, length], or the constant if fixed."""
     low, high = min(max(low, 0), length), min(max(high, 0), length)
-    return low if low == high else pulp.LpVariable(name, low, high, pulp.LpInteger)
+    return low if low == high else _new_var(lp, name, low, high, pulp.LpInteger)
 
 
 def _add_contiguity(lp: pulp.LpProblem, c: int, runs: list[_Run], now: list) -> None:
     """Layers in chunks <= c form a prefix: run r + 1 starts only once run r is complete.
 
-    A binary done[r] means "run r complete by chunk c"; for a single-layer run the
-    prefix count itself is that binary (the y[i, c] prefix formulation).
+    done = 1 means "run r complete by chunk c"; for a one-layer run the prefix
+    count is that binary itself (the y[i, c] prefix formulation).
     """
+    low = [x if isinstance(x, int) else x.lowBound for x in now]
+    high = [x if isinstance(x, int) else x.upBound for x in now]
     for r in range(len(runs) - 1):
-        cur, nxt, length = now[r], now[r + 1], runs[r].length
+        length = runs[r].length
         if length == 1:
-            done = cur
-        elif _bound(cur, "upBound") < length or _bound(nxt, "lowBound") > 0:
-            done = int(_bound(nxt, "lowBound") > 0)  # forced either way
+            done = now[r]
+        elif high[r] < length or low[r + 1] > 0:
+            done = int(low[r + 1] > 0)  # forced either way
         else:
-            done = pulp.LpVariable(f"done_{c}_{r}", cat=pulp.LpBinary)
-        _add(lp, cur >= length * done)
-        _add(lp, nxt <= runs[r + 1].length * done)
+            done = _new_var(lp, f"done_{c}_{r}", 0, 1, pulp.LpInteger)
+        _add(lp, now[r] >= length * done)
+        _add(lp, now[r + 1] <= runs[r + 1].length * done)
 
 
-def _bound(x: pulp.LpVariable | int, which: str) -> int:
-    """Lower or upper bound of a prefix count (the value itself for a constant)."""
-    return x if isinstance(x, int) else getattr(x, which)
+def _add(lp: pulp.LpProblem, constraint: pulp.LpConstraint | bool) -> None:
+    """Add a constraint; one between constants is checked instead."""
+    if constraint is False:
+        raise RuntimeError("split ILP: a constant constraint is violated; this is a bug")
+    if constraint is not True:
+        lp.addConstraint(constraint)
 
 
-def _add(lp: pulp.LpProblem, constraint) -> None:
-    """Add a constraint, skipping those between constants (checked instead)."""
-    if isinstance(constraint, bool):
-        if not constraint:
-            raise RuntimeError("split ILP: constant constraint violated; this is a bug")
-        return
-    lp += constraint
+def _add_device_rows(model: _Model, problem: SplitProblem, runs: list[_Run]) -> None:
+    """Per device: time <= largest time; memory <= largest memory and <= capacity.
 
-
-def _device_terms(lp: pulp.LpProblem, problem: SplitProblem, runs: list[_Run], prefix: list,
-                  time_unit: float, mem_unit: float) -> tuple[list, list]:
-    """Per-device time and memory as linear expressions of the prefix counts.
-
-    Time goes through integer per-device run counts, on which the MIP branches:
-    the bottleneck depends on them alone, not on how a device's layers are chunked.
+    Time goes through integer per-device run counts n_d_r, on which the MIP
+    branches: the bottleneck depends on them alone, not on the chunking.
     """
-    pp = problem.num_devices
+    pp, units, prefix = problem.num_devices, model.units, model.prefix
     counts: list[list[list]] = [[[] for _ in runs] for _ in range(pp)]
-    mems: list[list] = [[problem.fixed_bytes[d] / mem_unit] for d in range(pp)]
+    mems: list[list] = [[problem.fixed_bytes[d] / units["memory"]] for d in range(pp)]
     for c in range(problem.num_chunks):
         for r, run in enumerate(runs):
-            count = prefix[c + 1][r] - prefix[c][r]  # layers of run r in chunk c
+            n = prefix[c + 1][r] - prefix[c][r]  # layers of run r in chunk c
+            counts[c % pp][r].append(n)
             per_layer = run.weight_bytes + problem.inflight[c] * run.act_bytes
-            counts[c % pp][r].append(count)
-            mems[c % pp].append(per_layer / mem_unit * count)
-    times = []
+            mems[c % pp].append(per_layer / units["memory"] * n)
     for d in range(pp):
-        total = []
+        terms = []
         for r, run in enumerate(runs):
-            expr = pulp.lpSum(counts[d][r])
-            if expr.isNumericalConstant() or run.time_s == 0:
-                total.append(run.time_s / time_unit * expr)
-                continue
-            n = pulp.LpVariable(f"n_{d}_{r}", 0, run.length, pulp.LpInteger)
-            lp.addConstraint(n == expr)
-            total.append(run.time_s / time_unit * n)
-        times.append(pulp.lpSum(total))
-    return times, [pulp.lpSum(m) for m in mems]
+            n = pulp.lpSum(counts[d][r])
+            if not n.isNumericalConstant() and run.time_s > 0:
+                total, n = n, _new_var(model.lp, f"n_{d}_{r}", 0, run.length, pulp.LpInteger)
+                model.lp.addConstraint(n == total, f"count_{d}_{r}")
+            terms.append(run.time_s / units["time"] * n)
+        model.lp.addConstraint(pulp.lpSum(terms) <= model.largest["time"], f"time_{d}")
+        memory = pulp.lpSum(mems[d])
+        model.lp.addConstraint(memory <= model.largest["memory"], f"memory_{d}")
+        if math.isfinite(problem.capacity_bytes):
+            model.lp.addConstraint(memory <= 1 + model.overflow, f"capacity_{d}")
+
+
+def _distance_to_even(model: _Model, problem: SplitProblem) -> pulp.LpAffineExpression:
+    """Objective 2: sum over chunks of |start - c * L // C| (integer valued)."""
+    terms = []
+    for c, even in enumerate(_even_starts(problem)[1:], start=1):
+        start = pulp.lpSum(model.prefix[c])  # layers in chunks <= c - 1
+        gap = _new_var(model.lp, f"gap_{c}", 0)
+        model.lp.addConstraint(gap >= start - even, f"gap_up_{c}")
+        model.lp.addConstraint(gap >= even - start, f"gap_down_{c}")
+        terms.append(gap)
+    return pulp.lpSum(terms)
 
 
 def _mip_solver(solver: str, time_limit_s: float | None) -> pulp.LpSolver:
-    """A PuLP solver with tight gaps and one thread (deterministic)."""
-    tol = dict(gapRel=MIP_TOL, gapAbs=MIP_TOL, threads=1, timeLimit=time_limit_s, msg=False)
-    if solver == "highs":
-        return pulp.HiGHS(**tol, mip_feasibility_tolerance=MIP_TOL,
-                          primal_feasibility_tolerance=MIP_TOL)
-    return pulp.PULP_CBC_CMD(**tol, options=[f"primalTolerance {MIP_TOL}",
-                                             f"integerTolerance {MIP_TOL}"])
+    """A PuLP solver proving optimality to MIP_GAP, quietly."""
+    tol = dict(gapRel=MIP_GAP, gapAbs=MIP_GAP, timeLimit=time_limit_s, msg=False)
+    if solver == "highs":  # deterministic whatever its thread count
+        return pulp.HiGHS(**tol, mip_heuristic_run_feasibility_jump=False)  # ~4 ms, no gain
+    # Not "threads 1": CBC then runs its parallel code with one worker, which hung
+    # until the time limit in about 1 solve in 2000 here. Its default is serial.
+    return pulp.PULP_CBC_CMD(**tol)
 
 
-def _run_mip(lp: pulp.LpProblem, solver: str, deadline: float) -> int:
-    """Solve; return the PuLP status, raising on a time limit or a solver failure."""
-    left = deadline - time.perf_counter()
-    if left <= 0:
-        raise SplitTimeLimitError("the stage-split ILP ran out of time_limit_s before "
-                                  "finishing; raise time_limit_s or use fewer chunks")
-    try:
-        status = lp.solve(_mip_solver(solver, left))
-    except pulp.PulpSolverError as exc:
-        raise RuntimeError(f"split ILP solver {solver!r} failed: {exc}") from exc
-    if status == pulp.LpStatusOptimal and lp.sol_status == pulp.LpSolutionOptimal:
-        return status
-    if status == pulp.LpStatusInfeasible:
-        return status
+def _run_mip(lp: pulp.LpProblem, solver: str, deadline: float, phase: str, *,
+             must_solve: bool = False) -> int:
+    """Solve to proven optimality; returns Optimal, or Infeasible unless must_solve."""
+    status = pulp.LpStatusNotSolved
+    if time.perf_counter() < deadline:
+        try:
+            status = lp.solve(_mip_solver(solver, deadline - time.perf_counter()))
+        except pulp.PulpSolverError as exc:
+            raise RuntimeError(f"split ILP solver {solver!r} failed: {exc}") from exc
+        if lp.sol_status == pulp.LpSolutionOptimal or status == pulp.LpStatusInfeasible:
+            if status == pulp.LpStatusOptimal or not must_solve:
+                return status
+            raise RuntimeError(f"split ILP {phase} phase is infeasible; this is a bug")
     if time.perf_counter() >= deadline - 1e-3 or lp.sol_status == pulp.LpSolutionIntegerFeasible:
         raise SplitTimeLimitError(
-            f"the stage-split ILP ({len(lp.variables())} variables) did not prove "
-            f"optimality in its time limit; raise time_limit_s or use fewer chunks")
-    raise RuntimeError(f"split ILP solver {solver!r} returned status "
-                       f"{pulp.LpStatus[status]!r} ({lp.sol_status}); this is a bug")
+            f"the stage-split ILP ({len(lp.variables())} variables) did not prove its "
+            f"{phase} optimal within time_limit_s; raise time_limit_s or use fewer chunks")
+    raise RuntimeError(f"split ILP solver {solver!r} returned {pulp.LpStatus[status]!r} "
+                       f"in the {phase} phase; this is a bug")
 
 
-def _require_optimal(status: int, phase: str) -> None:
-    """Later phases are feasible by construction: infeasibility is a bug."""
-    if status != pulp.LpStatusOptimal:
-        raise RuntimeError(f"split ILP {phase} phase returned {pulp.LpStatus[status]!r}")
-
-
-def _read_boundaries(problem: SplitProblem, model: _Model) -> tuple[int, ...]:
+def _read_boundaries(problem: SplitProblem, runs: list[_Run], model: _Model) -> tuple[int, ...]:
     """Chunk starts from the prefix counts, checked against the run layout."""
     counts = [[round(pulp.value(q)) for q in row] for row in model.prefix]
     bounds = tuple(sum(row) for row in counts[:-1])
-    runs = _runs(problem)
     for row, end in zip(counts[1:], bounds[1:] + (problem.num_layers,)):
-        expected = [min(max(end - run.start, 0), run.length) for run in runs]
-        if row != expected:
+        if row != [min(max(end - run.start, 0), run.length) for run in runs]:
             raise RuntimeError(f"split ILP returned non-contiguous counts {row}; this is a bug")
     chunk_layers(bounds, problem.num_layers)
     return bounds

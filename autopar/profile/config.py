@@ -168,6 +168,11 @@ def arch_from_dict(name: str, raw: dict) -> ArchConfig:
     kv_heads = _positive_int(raw, ("num_key_value_heads",), name, default=heads)
     vocab = _positive_int(raw, ("vocab_size",), name)
     positions = _positive_int(raw, ("max_position_embeddings", "n_positions"), name, default=2048)
+    head_dim = raw.get("head_dim")
+    if head_dim is not None and head_dim * heads != hidden:
+        raise UnsupportedModelError(
+            f"model {name!r} sets head_dim={head_dim} with {heads} heads != hidden_size {hidden}; autopar's "
+            "profiles assume heads x head_dim = hidden_size")
     if hidden % heads or heads % kv_heads:
         raise AutoparError(
             f"config {name!r}: hidden_size={hidden}, heads={heads}, kv_heads={kv_heads}: "
@@ -180,7 +185,9 @@ def arch_from_dict(name: str, raw: dict) -> ArchConfig:
     elif family == "gpt_neox":
         ffn = _positive_int(raw, ("intermediate_size",), name, default=4 * hidden)
         activation = raw.get("hidden_act", "gelu")
-        dropouts = (raw.get("attention_dropout", 0.0), raw.get("hidden_dropout", 0.0), 0.0)
+        # GPT-NeoX drops out its embeddings with hidden_dropout (emb_dropout).
+        hidden_dropout = raw.get("hidden_dropout", 0.0)
+        dropouts = (raw.get("attention_dropout", 0.0), hidden_dropout, hidden_dropout)
     else:
         ffn = _positive_int(raw, ("intermediate_size",), name)
         activation = raw.get("hidden_act", "silu")

@@ -131,8 +131,15 @@ class ModelProfile:
         return [(name, layer) for layer in self.layers for name in layer.module_names]
 
     def model_flops_per_seq(self) -> float:
-        """Forward + backward FLOPs of one sequence, without recomputation."""
-        return sum((l.fwd_flops.total + l.bwd_flops.total) * l.count for l in self.layers)
+        """Model FLOPs of one training sequence: 3 x forward, the MFU convention
+        (Chowdhery et al. 2022, PaLM, App. B). Flash attention's recomputation
+        in backward and activation recomputation are hardware FLOPs, not model FLOPs."""
+        return 3 * sum(l.fwd_flops.total * l.count for l in self.layers)
+
+    def hardware_flops_per_seq(self, recompute: "Recompute") -> float:
+        """FLOPs executed for one training sequence: forward, backward and recomputation."""
+        return sum((l.fwd_flops.total + l.bwd_flops.total + l.recompute_flops[recompute].total) * l.count
+                   for l in self.layers)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,129 @@
+"""Cost model: hand-worked formulas, and the closed forms against the schedule DAG."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from autopar.cluster import PRESETS, ClusterSpec, DeviceSpec
+from autopar.cost import constants as C
+from autopar.cost.layers import CostOptions, collective_s
+from autopar.cost.model import _simulate, chunk_times, estimate, inflight_per_chunk, pipeline_step_s
+from autopar.cost.pipeline import action_orders, peak_inflight, simulate
+from autopar.plan.search import search
+from autopar.plan.types import Pins, Plan, Schedule, StagePlan
+from autopar.profile.analytic import profile_analytic
+from autopar.profile.config import arch_from_dict, load_arch
+from autopar.profile.types import Recompute
+
+GIB = 1024**3
+
+
+def _toy_cluster(gpus=1, per_node=8) -> ClusterSpec:
+    dev = DeviceSpec(name="toy", peak_flops_per_s=1e12, memory_bytes=64 * GIB, hbm_bytes_per_s=1e11)
+    return ClusterSpec(name="toy", nodes=max(1, gpus // per_node), gpus_per_node=min(gpus, per_node), device=dev,
+                       intra_node_bytes_per_s=1e10, inter_node_bytes_per_s=1e9,
+                       intra_node_latency_s=1e-5, inter_node_latency_s=2e-5)
+
+
+def _single_stage_plan(profile, batch, mbs=1, recompute=Recompute.NONE) -> Plan:
+    names = tuple(n for n, _ in profile.flat_layers())
+    return Plan(dp=1, tp=1, pp=1, micro_batch_size=mbs, num_microbatches=batch // mbs, schedule=Schedule.ONE_F_ONE_B,
+                virtual_stages=1, recompute=recompute, zero_stage=0, sequence_parallel=False,
+                stages=(StagePlan(index=0, layers=names),), global_batch_size=batch, seq_len=profile.seq_len)
+
+
+def test_single_device_step_is_flops_over_rate_by_hand():
+    # GPT-2 shape, h=256, 2 layers, f=4h, V=1000, s=128, 4 sequences.
+    arch = arch_from_dict("t", {"model_type": "gpt2", "n_embd": 256, "n_layer": 2, "n_head": 4, "vocab_size": 1000,
+                                "n_positions": 128})
+    # Eager attention: its backward is exactly 2 x forward, like every matmul.
+    profile = profile_analytic(arch, seq_len=128, attention="eager")
+    s, h, V, L, B = 128, 256, 1000, 2, 4
+    # Forward FLOPs per sequence: blocks 24 s h^2 + 4 s^2 h each, LM head 2 s h V;
+    # training = 3 x forward (backward is 2 x) = 3 * (2*(24*128*256^2 + 4*128^2*256) + 2*128*256*1000).
+    flops = 3 * (L * (24 * s * h * h + 4 * s * s * h) + 2 * s * h * V)
+    assert profile.model_flops_per_seq() == flops
+    assert profile.hardware_flops_per_seq(Recompute.NONE) == flops
+    opts = CostOptions(gemm_efficiency=0.5, memory_efficiency=1e30)  # memory-bound work costs nothing here
+    cost = estimate(profile, _toy_cluster(), _single_stage_plan(profile, B), opts)
+    assert cost.step_time_s == pytest.approx(B * flops / (1e12 * 0.5), rel=1e-9)
+    assert cost.compute_s == pytest.approx(cost.step_time_s, rel=1e-9)
+    # Full recomputation adds one forward: 4/3 of the time.
+    cost_full = estimate(profile, _toy_cluster(), _single_stage_plan(profile, B, recompute=Recompute.FULL), opts)
+    head_fwd = 2 * s * h * V  # the LM head is not recomputed
+    assert cost_full.step_time_s == pytest.approx(B * (flops + flops / 3 - head_fwd) / 0.5e12, rel=1e-9)
+
+
+def test_ring_all_reduce_alpha_beta_by_hand():
+    cluster = _toy_cluster(gpus=8)
+    # 8 ranks, 1 GB: 2*7 steps of 10 us, and 2*7/8 GB over 10 GB/s at 80% efficiency.
+    expected = 14 * 1e-5 + (14 / 8) * 1e9 / (1e10 * 0.8)
+    assert collective_s(1e9, 8, 1, False, cluster, 0.8) == pytest.approx(expected)
+    assert collective_s(1e9, 8, 1, False, cluster, 0.8, "reduce_scatter") == pytest.approx(expected / 2)
+    assert collective_s(1e9, 1, 1, False, cluster, 0.8) == 0.0
+
+
+def test_memory_terms_follow_zero_stages():
+    profile = profile_analytic(load_arch("gpt2-medium"), seq_len=1024)
+    cluster = PRESETS["a100-80gb"].with_gpus(8)
+    mems = {}
+    for zero in (0, 1, 3):
+        pins = Pins(tp=1, pp=1, zero_stage=zero, micro_batch_size=1, recompute=Recompute.NONE)
+        best = search(profile, cluster, global_batch_size=8, pins=pins, alternatives=False).best
+        mems[zero] = best.cost.stages[0].memory_bytes
+    params = profile.num_params
+    assert mems[0]["weights"] == pytest.approx(params * C.PARAM_BYTES)
+    assert mems[0]["optimizer"] == pytest.approx(params * C.OPTIMIZER_BYTES)
+    assert mems[1]["optimizer"] == pytest.approx(params * C.OPTIMIZER_BYTES / 8)
+    assert mems[1]["weights"] == mems[0]["weights"]
+    assert mems[3]["weights"] == pytest.approx(params * C.PARAM_BYTES / 8)
+    assert mems[3]["grads"] == pytest.approx(params * C.GRAD_BYTES / 8)
+
+
+@pytest.mark.parametrize("schedule,pp,v", [(Schedule.ONE_F_ONE_B, 4, 1), (Schedule.GPIPE, 4, 1),
+                                           (Schedule.INTERLEAVED_1F1B, 4, 2)])
+def test_estimate_pipeline_term_is_the_dag_longest_path(schedule, pp, v):
+    """The closed form (1F1B, GPipe) and the interleaved simulation equal the DAG on real, uneven splits."""
+    profile = profile_analytic(load_arch("cerebras-gpt-1.3b"), seq_len=2048)
+    cluster = PRESETS["a100-80gb"].with_gpus(16)
+    best = search(profile, cluster, global_batch_size=64, alternatives=False,
+                  pins=Pins(pp=pp, schedule=schedule, virtual_stages=v, tp=1)).best
+    plan, cost = best.plan, best.cost
+    fwd, bwd, _ = chunk_times(profile, cluster, plan)
+    dag = simulate(action_orders(plan.schedule.value, plan.pp, plan.virtual_stages, plan.num_microbatches),
+                   fwd, bwd, 0.0).step_s
+    assert cost.compute_s + cost.tp_comm_s + cost.bubble_s == pytest.approx(dag, rel=1e-9)
+
+
+@pytest.mark.parametrize("schedule", list(Schedule))
+def test_extrapolated_step_equals_full_simulation(schedule):
+    rng = random.Random(7)
+    for _ in range(30):
+        pp, rounds = rng.choice([2, 3, 4, 8]), rng.choice([11, 12, 15, 20])
+        v = rng.choice([2, 3]) if schedule is Schedule.INTERLEAVED_1F1B else 1
+        fwd = tuple(rng.uniform(0.5, 2.0) for _ in range(pp * v))
+        bwd = tuple(f * rng.uniform(1.5, 3.0) for f in fwd)
+        assert pipeline_step_s(schedule, fwd, bwd, pp, v, rounds * pp) == pytest.approx(
+            _simulate(schedule, fwd, bwd, pp, v, rounds * pp), rel=1e-12)
+
+
+@pytest.mark.parametrize("schedule,v", [(Schedule.ONE_F_ONE_B, 1), (Schedule.GPIPE, 1),
+                                        (Schedule.INTERLEAVED_1F1B, 2)])
+def test_equal_stages_give_the_papers_closed_forms(schedule, v):
+    """Narayanan et al. 2021 §2.2: (m - 1 + p) T, and m T + (p - 1) T / v interleaved."""
+    pp, m, f, b = 4, 8, 1.0, 2.0
+    step = pipeline_step_s(schedule, (f / v,) * (pp * v), (b / v,) * (pp * v), pp, v, m)
+    expected = (m - 1 + pp) * (f + b) if v == 1 else m * (f + b) + (pp - 1) * (f + b) / v
+    assert step == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("schedule,v", [(Schedule.ONE_F_ONE_B, 1), (Schedule.GPIPE, 1),
+                                        (Schedule.INTERLEAVED_1F1B, 2), (Schedule.INTERLEAVED_1F1B, 3)])
+def test_inflight_equals_full_order(schedule, v):
+    """The closed forms and the capped walk equal the schedule's full order."""
+    for pp in (2, 3, 4):
+        for m in (pp, 4 * pp, 5 * pp, 8 * pp):
+            full = peak_inflight(action_orders(schedule.value, pp, v, m), pp * v)
+            assert inflight_per_chunk(schedule, pp, v, m) == tuple(float(x) for x in full)
