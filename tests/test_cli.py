@@ -122,3 +122,16 @@ def test_real_process_exit_code_and_no_torch_import():
     bad = subprocess.run([sys.executable, "-m", "autopar", "explain", "nope"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("autopar: error: unknown model")
+
+
+def test_ilp_solver_prints_nothing_on_stdout():
+    """HiGHS prints a banner from C once per process; it must not reach stdout (`explain --json | jq`)."""
+    code = ("from autopar.plan.split import SplitProblem, solve_split\n"
+            "p = SplitProblem(time_s=(1.0, 2.0, 3.0, 1.0, 2.0, 1.0), weight_bytes=(0.0,) * 6, act_bytes=(0.0,) * 6,"
+            " num_devices=2, virtual_stages=2, inflight=(1.0,) * 4, capacity_bytes=float('inf'))\n"
+            "sol = solve_split(p, solver='highs')\n"
+            "import sys; print(sol.solver, file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.strip().splitlines()[-1] in ("highs", "trivial")

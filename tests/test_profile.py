@@ -92,7 +92,7 @@ def check_flops(record, profile) -> None:
         for got, want in ((record.fwd_flops[phase], layer.fwd_flops), (record.bwd_flops[phase], layer.bwd_flops)):
             assert close(got * per_seq, want.total, FLOP_RTOL, atol), (layer.kind, got * per_seq, want)
     measured = (sum(record.fwd_flops.values()) + sum(record.bwd_flops.values())) * per_seq
-    assert close(measured, profile.model_flops_per_seq(), FLOP_RTOL)
+    assert close(measured, profile.hardware_flops_per_seq(Recompute.NONE), FLOP_RTOL)
 
 
 # -- FLOPs ---------------------------------------------------------------------------------------

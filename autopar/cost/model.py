@@ -112,10 +112,10 @@ def inflight_per_chunk(schedule: Schedule, pp: int, v: int, m: int) -> tuple[flo
         return (float(m),) * pp
     if schedule is Schedule.ONE_F_ONE_B:
         return tuple(float(min(pp - s, m)) for s in range(pp))
-    from autopar.cost.pipeline import action_orders, peak_inflight
+    from autopar.cost.pipeline import peak_inflight
 
     cap = m if m <= 4 * pp else 4 * pp
-    return tuple(float(x) for x in peak_inflight(action_orders(schedule.value, pp, v, cap), pp * v))
+    return tuple(float(x) for x in peak_inflight(_orders(schedule, pp, v, cap), pp * v))
 
 
 def chunk_ranges(profile: ModelProfile, plan: Plan) -> list[range]:
@@ -319,7 +319,7 @@ def _simulate(schedule: Schedule, fwd: tuple[float, ...], bwd: tuple[float, ...]
               m: int) -> float:
     from autopar.cost.pipeline import simulate
 
-    return simulate(_orders(schedule, pp, v, m), fwd, bwd, 0.0).step_s
+    return simulate(_orders(schedule, pp, v, m), fwd, bwd, 0.0, trusted_microbatches=m).step_s
 
 
 @lru_cache(maxsize=256)

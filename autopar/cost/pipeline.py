@@ -245,7 +245,7 @@ def _durations(fwd_s: Sequence[float], bwd_s: Sequence[float]) -> None:
 
 
 def simulate(orders: Sequence[Sequence[Action]], fwd_s: Sequence[float], bwd_s: Sequence[float],
-             p2p_s: float | Sequence[float] = 0.0) -> Timeline:
+             p2p_s: float | Sequence[float] = 0.0, *, trusted_microbatches: int | None = None) -> Timeline:
     """Earliest start of every task: the longest path of the step DAG, by a sweep.
 
     Each rank runs its order until a task's input is not ready, then parks on
@@ -260,13 +260,16 @@ def simulate(orders: Sequence[Sequence[Action]], fwd_s: Sequence[float], bwd_s: 
         p2p_s: seconds to move one micro-batch's boundary tensor from chunk c
             to c+1: one float, or one per boundary; not charged between
             chunks on the same rank.
+        trusted_microbatches: m, for orders made by :func:`action_orders`
+            for these chunks: skips checking them (the planner's hot path).
 
     Raises:
         AutoparError: malformed orders, or orders that deadlock (a cycle).
     """
     _durations(fwd_s, bwd_s)
     n = len(fwd_s)
-    m = _check_orders(orders, n)
+    # Orders straight from action_orders (the cost model's) need no re-check.
+    m = trusted_microbatches or _check_orders(orders, n)
     hop = _hop_s(p2p_s, n, len(orders))
     ends: list[float | None] = [None] * (2 * n * m)  # F(c,i) at c*m+i, B(c,i) at (n+c)*m+i
     waiting: dict[int, list[int]] = {}
@@ -278,19 +281,33 @@ def simulate(orders: Sequence[Sequence[Action]], fwd_s: Sequence[float], bwd_s: 
         while k < len(order):
             a = order[k]
             c, i = a.chunk, a.microbatch
+            # Inputs: F(c, i) needs F(c-1, i); B(c, i) needs F(c, i) and B(c+1, i).
+            # Written out (no tuples) because this loop is the planner's hot path.
+            blocked, start = None, t
             if a.kind == "F":
                 key, dur = c * m + i, fwd_s[c]
-                deps = ((key - m, hop[c - 1]),) if c else ()
+                if c:
+                    dep = key - m
+                    if ends[dep] is None:
+                        blocked = dep
+                    elif ends[dep] + hop[c - 1] > start:
+                        start = ends[dep] + hop[c - 1]
             else:
                 key, dur = (n + c) * m + i, bwd_s[c]
-                deps = ((c * m + i, 0.0), (key + m, hop[c])) if c < n - 1 else ((c * m + i, 0.0),)
-            blocked = next((dep for dep, _ in deps if ends[dep] is None), None)
+                dep = c * m + i
+                if ends[dep] is None:
+                    blocked = dep
+                else:
+                    start = max(start, ends[dep])
+                    if c < n - 1:
+                        dep = key + m
+                        if ends[dep] is None:
+                            blocked = dep
+                        elif ends[dep] + hop[c] > start:
+                            start = ends[dep] + hop[c]
             if blocked is not None:  # park until the task producing `blocked` ends
                 waiting.setdefault(blocked, []).append(rank)
                 break
-            start = t
-            for dep, lag in deps:
-                start = max(start, ends[dep] + lag)
             t = start + dur
             ends[key] = t
             spans.append(TaskSpan(rank, a.kind, c, i, start, t))

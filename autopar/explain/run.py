@@ -14,6 +14,8 @@ from autopar.profile.types import ModelProfile, Recompute
 
 DEFAULT_SEQ_LEN = 2048
 DEFAULT_SEQUENCES_PER_GPU = 8
+MIN_REPORT_WIDTH = 150
+"""Columns of the report when stdout is not a terminal (rich would use 80)."""
 
 
 def _positive(flag: str, value: int | None) -> None:
@@ -82,7 +84,10 @@ def run_explain(*, model: str, cluster: str | None, gpus: int | None, nodes: int
 
         from autopar.explain.report import render
 
-        render(result, profile, spec, Console())
+        console = Console()
+        if not console.is_terminal:  # piped or captured: wide enough for the tables
+            console = Console(width=MIN_REPORT_WIDTH)
+        render(result, profile, spec, console)
     if plot is not None:
         path = write_plot(plot, result.best, profile, spec)
         print(f"wrote {path}", file=sys.stderr)

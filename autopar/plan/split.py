@@ -18,7 +18,10 @@ that hits time_limit_s raises rather than return a speed-dependent split.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -515,13 +518,30 @@ def _mip_solver(solver: str, time_limit_s: float | None) -> pulp.LpSolver:
     return pulp.PULP_CBC_CMD(**tol)
 
 
+@contextlib.contextmanager
+def _quiet_c_stdout():
+    """Send file descriptor 1 to /dev/null: HiGHS prints its banner from C, once per
+    process, before any option can silence it, and it would break `explain --json`."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(devnull)
+        os.close(saved)
+
+
 def _run_mip(lp: pulp.LpProblem, solver: str, deadline: float, phase: str, *,
              must_solve: bool = False) -> int:
     """Solve to proven optimality; returns Optimal, or Infeasible unless must_solve."""
     status = pulp.LpStatusNotSolved
     if time.perf_counter() < deadline:
         try:
-            status = lp.solve(_mip_solver(solver, deadline - time.perf_counter()))
+            with _quiet_c_stdout():
+                status = lp.solve(_mip_solver(solver, deadline - time.perf_counter()))
         except pulp.PulpSolverError as exc:
             raise RuntimeError(f"split ILP solver {solver!r} failed: {exc}") from exc
         if lp.sol_status == pulp.LpSolutionOptimal or status == pulp.LpStatusInfeasible:
