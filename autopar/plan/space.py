@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from autopar.cluster import ClusterSpec
 from autopar.errors import AutoparError
-from autopar.plan.types import Pins, Schedule
+from autopar.plan.types import Pins, Schedule, describe_layout
 from autopar.profile.types import ModelProfile, Recompute
 
 MAX_MICRO_BATCH_SIZE = 64
@@ -41,10 +41,7 @@ class Candidate:
     sequence_parallel: bool
 
     def describe(self) -> str:
-        sched = self.schedule.value + (f"(v={self.virtual_stages})" if self.virtual_stages > 1 else "")
-        return (f"dp{self.dp} tp{self.tp}{' sp' if self.sequence_parallel else ''} pp{self.pp} "
-                f"mb{self.micro_batch_size}x{self.num_microbatches} {sched} "
-                f"recompute={self.recompute.value} zero{self.zero_stage}")
+        return describe_layout(self)
 
 
 def divisors(n: int) -> list[int]:

@@ -32,6 +32,15 @@ class MeshAxis(str, enum.Enum):
     TP = "tp"
 
 
+def describe_layout(layout) -> str:
+    """One line for a Plan or a search Candidate (the same field names)."""
+    v = layout.virtual_stages
+    sched = layout.schedule.value + (f"(v={v})" if v > 1 else "")
+    sp = " sp" if layout.sequence_parallel else ""
+    return (f"dp{layout.dp} tp{layout.tp}{sp} pp{layout.pp} mb{layout.micro_batch_size}x{layout.num_microbatches} "
+            f"{sched} recompute={layout.recompute.value} zero{layout.zero_stage}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class StagePlan:
     """One pipeline chunk: contiguous layers run by one pipeline rank.
@@ -106,11 +115,8 @@ class Plan:
         return chunk_index % self.pp
 
     def describe(self) -> str:
-        """One line, e.g. ``dp8 tp4 pp2 mb2x8 1f1b full zero1``."""
-        sched = self.schedule.value + (f"(v={self.virtual_stages})" if self.virtual_stages > 1 else "")
-        sp = " sp" if self.sequence_parallel else ""
-        return (f"dp{self.dp} tp{self.tp}{sp} pp{self.pp} mb{self.micro_batch_size}x{self.num_microbatches} "
-                f"{sched} recompute={self.recompute.value} zero{self.zero_stage}")
+        """One line, e.g. ``dp8 tp4 sp pp2 mb2x8 1f1b recompute=full zero1``."""
+        return describe_layout(self)
 
     def to_dict(self) -> dict:
         data = asdict(self)
