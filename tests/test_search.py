@@ -129,3 +129,14 @@ def test_alternatives_give_a_reason_for_each_other_value():
             assert "slower" in alt.reason or "as fast" in alt.reason
         else:
             assert "GiB per GPU" in alt.reason
+
+
+def test_ilp_solver_gives_the_same_plan_as_the_chain_dp():
+    """The planner's splits through PuLP (HiGHS) equal the exact chain DP's."""
+    profile = profile_analytic(load_arch("cerebras-gpt-1.3b"), seq_len=2048)
+    cluster = PRESETS["a100-40gb"].with_gpus(16)
+    by_dp = search(profile, cluster, global_batch_size=64, split_solver="dp", alternatives=False)
+    by_ilp = search(profile, cluster, global_batch_size=64, split_solver="highs", alternatives=False)
+    assert by_ilp.best.plan.to_json() == by_dp.best.plan.to_json()
+    assert by_ilp.best.split.solver in ("highs", "trivial")
+    assert by_ilp.best.cost.step_time_s == pytest.approx(by_dp.best.cost.step_time_s, rel=1e-9)

@@ -63,7 +63,8 @@ def resolve_cluster(cluster: str | None, gpus: int | None, nodes: int | None,
 
 def run_explain(*, model: str, cluster: str | None, gpus: int | None, nodes: int | None,
                 gpus_per_node: int | None, global_batch: int | None, seq_len: int | None, profiler,
-                attention, json_out: bool, plot: Path | None, alternatives: bool, **pin_args) -> None:
+                attention, json_out: bool, plot: Path | None, alternatives: bool, split_solver: str = "auto",
+                **pin_args) -> None:
     from autopar.plan.search import search
 
     arch = load_arch(model)
@@ -74,7 +75,8 @@ def run_explain(*, model: str, cluster: str | None, gpus: int | None, nodes: int
     if plot is not None and plot.suffix.lower() not in (".png", ".svg"):
         raise AutoparError(f"--plot {str(plot)!r}: use a .png or .svg file name")
     profile = profile_model(arch, seq, getattr(profiler, "value", profiler), getattr(attention, "value", attention))
-    result = search(profile, spec, global_batch_size=batch, pins=make_pins(**pin_args), alternatives=alternatives)
+    result = search(profile, spec, global_batch_size=batch, pins=make_pins(**pin_args), alternatives=alternatives,
+                    split_solver=split_solver)
     if json_out:
         from autopar.explain.report import result_dict
 

@@ -102,13 +102,15 @@ class Planner:
     """One planning problem: model, cluster, batch, pins and cost options."""
 
     def __init__(self, profile: ModelProfile, cluster: ClusterSpec, *, global_batch_size: int,
-                 pins: Pins | None = None, opts: CostOptions | None = None) -> None:
+                 pins: Pins | None = None, opts: CostOptions | None = None, split_solver: str = "auto") -> None:
         if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size < 1:
             raise AutoparError(f"--global-batch {global_batch_size!r}: must be a positive integer")
         self.profile, self.cluster = profile, cluster
         self.batch = global_batch_size
         self.pins = pins or Pins()
         self.opts = opts or CostOptions()
+        self.split_solver = split_solver
+        """autopar.plan.split solver: "auto" (exact DP for chains, HiGHS otherwise), "highs", "cbc"."""
         self.names = tuple(name for name, _ in profile.flat_layers())
         self._totals: dict[tuple, _Totals] = {}
         self._splits: dict[tuple, SplitSolution] = {}
@@ -230,9 +232,7 @@ class Planner:
     def _split(self, cand: Candidate, mode: str) -> SplitSolution:
         """The ILP split for one mode of [Note: split modes]."""
         t = self.totals(cand.tp, cand.sequence_parallel, cand.recompute)
-        chunks = cand.pp * cand.virtual_stages
-        # Chunk balancing treats every chunk as its own "device" of the ILP.
-        devices, v = (chunks, 1) if mode.startswith("chunk") else (cand.pp, cand.virtual_stages)
+        chunks = cand.pp * cand.virtual_stages  # each chunk is a "device" of the split problem
         if mode == "chunk":
             key = (cand.tp, cand.sequence_parallel, cand.recompute, chunks)
             problem = SplitProblem(
@@ -243,15 +243,14 @@ class Planner:
             b = cand.micro_batch_size
             inflight = inflight_per_chunk(cand.schedule, cand.pp, cand.virtual_stages, cand.num_microbatches)
             capacity = self.cluster.device.memory_bytes - self._reserve() - max(b * c.work_bytes for c in t.costs)
-            if mode == "chunk_memory":
-                capacity /= cand.virtual_stages  # each of a rank's v chunks gets an equal share: safe
+            capacity /= cand.virtual_stages  # each of a rank's v chunks gets an equal share: safe
             problem = SplitProblem(
                 time_s=t.split_time_s, weight_bytes=tuple(c.params * (wg + opt) for c in t.costs),
-                act_bytes=tuple(b * c.act_bytes for c in t.costs), num_devices=devices, virtual_stages=v,
+                act_bytes=tuple(b * c.act_bytes for c in t.costs), num_devices=chunks, virtual_stages=1,
                 inflight=inflight, capacity_bytes=capacity)
             key = problem
         if key not in self._splits:
-            self._splits[key] = solve_split(problem)
+            self._splits[key] = solve_split(problem, solver=self.split_solver)
             self.ilp_solves += 1
         return self._splits[key]
 
@@ -305,7 +304,7 @@ class Planner:
             self._splits[key] = solve_split(SplitProblem(
                 time_s=t.split_time_s, weight_bytes=(0.0,) * len(t.costs), act_bytes=(0.0,) * len(t.costs),
                 num_devices=cand.pp, virtual_stages=cand.virtual_stages, inflight=(1.0,) * chunks,
-                capacity_bytes=math.inf))
+                capacity_bytes=math.inf), solver=self.split_solver)
             self.ilp_solves += 1
         pipe = cand.num_microbatches * cand.micro_batch_size * self._splits[key].bottleneck_s
         return pipe + self._other_bound(cand, t)
@@ -316,14 +315,16 @@ def _split_modes(cand: Candidate) -> tuple[str, ...]:
     ``chunk``: every chunk is a device, so chunks come out balanced; the
     schedule's DAG needs that (interleaved 1F1B with equal per-rank sums but
     uneven chunks ran 10-45% slower in the DAG). It ignores memory. When it
-    does not fit: ``chunk_memory`` keeps chunks balanced under a per-chunk
-    share of the rank's memory (capacity / v, conservative), then ``rank``
-    balances whole ranks under their real memory (the ILP's own interleaved
-    placement). The first split that fits is kept, else the least over.
+    does not fit, ``chunk_memory`` keeps chunks balanced under a per-chunk
+    share of the rank's memory: all of it for one chunk per rank (exact), and
+    capacity / v for interleaving (conservative: a rank whose chunks could share
+    memory unevenly is called full; we round memory up, never down). The first
+    split that fits is kept, else the least over. Balancing whole ranks under
+    their real memory (the ILP with v > 1) was tried as a third mode: it cost
+    the 1T search 2-3 s of HiGHS solves that almost never fit.
     """
-    if cand.virtual_stages == 1:
-        return ("chunk", "rank")  # with one chunk per rank the two coincide
-    return ("chunk", "chunk_memory", "rank")
+    del cand
+    return ("chunk", "chunk_memory")
 
 
 def _better(a: Evaluated | None, b: Evaluated) -> bool:
@@ -373,7 +374,7 @@ def _scan(planner: Planner, ordered: list[tuple[float, float, Candidate]], capac
 
 
 def search(profile: ModelProfile, cluster: ClusterSpec, *, global_batch_size: int, pins: Pins | None = None,
-           opts: CostOptions | None = None, alternatives: bool = True) -> SearchResult:
+           opts: CostOptions | None = None, alternatives: bool = True, split_solver: str = "auto") -> SearchResult:
     """Plan ``profile`` on ``cluster``: see [Note: search].
 
     Raises:
@@ -382,7 +383,8 @@ def search(profile: ModelProfile, cluster: ClusterSpec, *, global_batch_size: in
     """
     start = time.perf_counter()
     pins = pins or Pins()
-    planner = Planner(profile, cluster, global_batch_size=global_batch_size, pins=pins, opts=opts)
+    planner = Planner(profile, cluster, global_batch_size=global_batch_size, pins=pins, opts=opts,
+                      split_solver=split_solver)
     cands = enumerate_candidates(profile, cluster, global_batch_size=global_batch_size, pins=pins)
     ordered = sorted((*planner.lower_bound(c), c) for c in cands)
     capacity = cluster.device.memory_bytes
