@@ -72,6 +72,7 @@ def explain(
     json_out: bool = typer.Option(False, "--json", help="print one JSON object (docs/plan-format.md)"),
     plot: Optional[Path] = typer.Option(None, help="write the timeline and memory per stage to FILE (.png or .svg)"),
     alternatives: bool = typer.Option(True, help="also cost the best alternative for each choice"),
+    measure: bool = typer.Option(False, help="time one block on this machine's GPU per TP degree and price blocks by it (needs torch; a CPU is timed as a warning)"),
     split_solver: str = typer.Option("auto", help="stage-split solver: auto (exact DP for chains, HiGHS ILP otherwise), highs, cbc (ILP in PuLP), dp"),
 ) -> None:
     """Show the plan autopar picks for MODEL on a cluster, and why."""

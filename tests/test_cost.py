@@ -127,3 +127,30 @@ def test_inflight_equals_full_order(schedule, v):
         for m in (pp, 4 * pp, 5 * pp, 8 * pp):
             full = peak_inflight(action_orders(schedule.value, pp, v, m), pp * v)
             assert inflight_per_chunk(schedule, pp, v, m) == tuple(float(x) for x in full)
+
+
+def test_measured_block_times_replace_the_roofline():
+    """profile_measured's timings, per TP degree, price the blocks (explain --measure)."""
+    from autopar.cost.layers import layer_costs
+    from autopar.profile.measured import measure_blocks
+    from autopar.profile.types import LayerKind
+
+    arch = arch_from_dict("t", {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+                                "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96,
+                                "vocab_size": 128, "max_position_embeddings": 64})
+    measured = measure_blocks(arch, seq_len=32, tps=[1, 2], device="cpu")
+    assert [t for t, _, _ in measured] == [1, 2] and all(f > 0 and b > 0 for _, f, b in measured)
+    profile = profile_analytic(arch, seq_len=32)
+    opts = CostOptions(measured_block_s=measured)
+    for tp, fwd, bwd in measured:
+        blocks = [c for c in layer_costs(profile, PRESETS["a100-80gb"], tp=tp, sequence_parallel=False,
+                                         recompute=Recompute.NONE, opts=opts) if c.kind is LayerKind.BLOCK]
+        assert all(c.fwd_s == fwd and c.bwd_s == bwd for c in blocks)
+    # Full recomputation adds one measured forward per block.
+    full = [c for c in layer_costs(profile, PRESETS["a100-80gb"], tp=1, sequence_parallel=False,
+                                   recompute=Recompute.FULL, opts=opts) if c.kind is LayerKind.BLOCK]
+    assert full[0].bwd_s == pytest.approx(measured[0][2] + measured[0][1], rel=1e-9)
+    # A TP degree that was not measured keeps the roofline.
+    roofline = [c for c in layer_costs(profile, PRESETS["a100-80gb"], tp=4, sequence_parallel=False,
+                                       recompute=Recompute.NONE, opts=opts) if c.kind is LayerKind.BLOCK]
+    assert roofline[0].fwd_s not in (measured[0][1], measured[1][1])

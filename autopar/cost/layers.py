@@ -28,9 +28,10 @@ class CostOptions:
     pp_scatter_gather: bool = False
     """Split each pipeline send over the TP ranks and all-gather after it
     (Narayanan et al. 2021 §4.1). Implied by sequence parallelism."""
-    measured_block_s: tuple[float, float] | None = None
-    """Measured (forward, backward) seconds of one block for one sequence at
-    this TP degree, replacing the roofline for blocks (profile_measured)."""
+    measured_block_s: tuple[tuple[int, float, float], ...] = ()
+    """Measured (tp, forward s, backward s) of one block for one sequence, from
+    autopar.profile.measured.measure_blocks; for a TP degree listed here they
+    replace the roofline for blocks (``explain --measure``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,8 +73,9 @@ def layer_costs(profile: ModelProfile, cluster: ClusterSpec, *, tp: int, sequenc
         bwd_s = _seconds(layer.bwd_flops.at(tp) + layer.recompute_flops[recompute].at(tp),
                          layer.bwd_traffic_bytes.at(tp, sp) + layer.recompute_traffic_bytes[recompute].at(tp, sp),
                          cluster, opts)
-        if opts.measured_block_s is not None and layer.kind is LayerKind.BLOCK:
-            fwd_s, bwd_s = _measured(layer, recompute, opts.measured_block_s, tp)
+        measured = [(f, b) for t, f, b in opts.measured_block_s if t == tp]
+        if measured and layer.kind is LayerKind.BLOCK:
+            fwd_s, bwd_s = _measured(layer, recompute, measured[0], tp)
         # Full recomputation repeats the forward's collectives in backward.
         passes = 3 if (recompute is Recompute.FULL and layer.kind is LayerKind.BLOCK) else 2
         tp_bytes = layer.tp_allreduce_bytes * passes if tp > 1 else 0.0

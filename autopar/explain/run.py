@@ -64,7 +64,7 @@ def resolve_cluster(cluster: str | None, gpus: int | None, nodes: int | None,
 def run_explain(*, model: str, cluster: str | None, gpus: int | None, nodes: int | None,
                 gpus_per_node: int | None, global_batch: int | None, seq_len: int | None, profiler,
                 attention, json_out: bool, plot: Path | None, alternatives: bool, split_solver: str = "auto",
-                **pin_args) -> None:
+                measure: bool = False, **pin_args) -> None:
     from autopar.plan.search import search
 
     arch = load_arch(model)
@@ -75,8 +75,10 @@ def run_explain(*, model: str, cluster: str | None, gpus: int | None, nodes: int
     if plot is not None and plot.suffix.lower() not in (".png", ".svg"):
         raise AutoparError(f"--plot {str(plot)!r}: use a .png or .svg file name")
     profile = profile_model(arch, seq, getattr(profiler, "value", profiler), getattr(attention, "value", attention))
-    result = search(profile, spec, global_batch_size=batch, pins=make_pins(**pin_args), alternatives=alternatives,
-                    split_solver=split_solver)
+    pins = make_pins(**pin_args)
+    opts = measured_options(arch, spec, seq, pins) if measure else None
+    result = search(profile, spec, global_batch_size=batch, pins=pins, alternatives=alternatives,
+                    split_solver=split_solver, opts=opts)
     if json_out:
         from autopar.explain.report import result_dict
 
@@ -93,6 +95,24 @@ def run_explain(*, model: str, cluster: str | None, gpus: int | None, nodes: int
     if plot is not None:
         path = write_plot(plot, result.best, profile, spec)
         print(f"wrote {path}", file=sys.stderr)
+
+
+def measured_options(arch: ArchConfig, spec: ClusterSpec, seq_len: int, pins: Pins):
+    """Time one block on this machine's device for every TP degree the search may use."""
+    import torch
+
+    from autopar.cost.layers import CostOptions
+    from autopar.plan.space import divisors
+    from autopar.profile.measured import measure_blocks
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        print("--measure: no CUDA device here; timing blocks on the CPU, which prices the cluster's GPUs "
+              "as this CPU", file=sys.stderr)
+    heads, kv = arch.num_attention_heads, arch.num_key_value_heads
+    tps = [pins.tp] if pins.tp else [t for t in divisors(spec.gpus_per_node) if heads % t == 0 and kv % t == 0]
+    print(f"--measure: timing one {arch.name} block on {device} at tp {tps}...", file=sys.stderr)
+    return CostOptions(measured_block_s=measure_blocks(arch, seq_len=seq_len, tps=tps, device=device))
 
 
 def write_plot(path: Path, best, profile: ModelProfile, spec: ClusterSpec) -> Path:

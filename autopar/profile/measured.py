@@ -237,3 +237,17 @@ def profile_measured(arch: ArchConfig, *, seq_len: int, micro_batch_size: int, t
         fwd_flops=layer.fwd_flops.at(tp) * micro_batch_size,
         bwd_flops=layer.bwd_flops.at(tp) * micro_batch_size,
     )
+
+
+def measure_blocks(arch: ArchConfig, *, seq_len: int, tps: list[int], micro_batch_size: int = 1,
+                   device: str | None = None) -> tuple[tuple[int, float, float], ...]:
+    """(tp, forward s, backward s) per sequence of one block shard, for each TP degree.
+
+    The cost model's ``CostOptions.measured_block_s``: blocks are then priced
+    at the measured time instead of the roofline (``autopar explain --measure``).
+    """
+    out = []
+    for tp in tps:
+        timing = profile_measured(arch, seq_len=seq_len, micro_batch_size=micro_batch_size, tp=tp, device=device)
+        out.append((tp, timing.fwd_s / micro_batch_size, timing.bwd_s / micro_batch_size))
+    return tuple(out)
