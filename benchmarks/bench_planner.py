@@ -68,7 +68,7 @@ def main() -> None:
         ok = "ok" if r["planning_time_s"] < r["target_s"] else "OVER TARGET"
         print(f"{r['model']:16s} {r['gpus']:5d} GPUs  planning {r['planning_time_s']:.2f} s (target < {r['target_s']:.0f} s, {ok}), "
               f"alternatives +{r['alternatives_time_s']:.2f} s; "
-              f"{r['candidates']} layouts, {r['evaluated']} costed, {r['ilp_solves']} splits ({args.split_solver}), "
+              f"{r['candidates']} layouts, {r['evaluated']} costed, {r['split_solves']} splits ({args.split_solver}), "
               f"{r['alternatives']} alternatives -> {r['plan']}, step {r['step_time_s']:.2f} s, MFU {r['mfu']:.1%}")
     ok = "ok" if proc["wall_s"] < proc["target_s"] else "OVER TARGET"
     print(f"process: `{proc['command']}` {proc['wall_s']:.2f} s wall (target < {proc['target_s']:.0f} s, {ok}), "

@@ -24,7 +24,7 @@ from autopar.cost import constants as C
 from autopar.cost.layers import CostOptions, LayerCost, collective_s, layer_costs
 from autopar.errors import AutoparError
 from autopar.plan.types import Plan, Schedule
-from autopar.profile.types import LayerKind, ModelProfile
+from autopar.profile.types import ModelProfile
 
 
 @dataclass(frozen=True, kw_only=True)

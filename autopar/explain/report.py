@@ -92,7 +92,7 @@ def render(result: SearchResult, profile: ModelProfile, cluster: ClusterSpec, co
     s = result.search_dict()
     console.print(f"[dim]searched {s['candidates']} layouts in {s['planning_time_s']:.2f} s "
                   f"(+{s['alternatives_time_s']:.2f} s for the alternatives): {s['evaluated']} costed exactly, "
-                  f"{s['pruned_by_bound']} pruned by bound, {s['ilp_solves']} stage splits solved; "
+                  f"{s['pruned_by_bound']} pruned by bound, {s['split_solves']} stage splits solved; "
                   f"profile: {profile.source}[/]")
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 from autopar.cluster import ClusterSpec
 from autopar.cost import constants as C
@@ -71,17 +71,16 @@ class SearchResult:
     evaluated: int
     pruned_by_bound: int
     pruned_by_memory: int
-    ilp_solves: int
+    split_solves: int
+    """Stage-split problems solved (autopar.plan.split: chain DP or ILP)."""
     alternatives_time_s: float = 0.0
     """Time spent costing the alternatives after the plan was found."""
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
     def search_dict(self) -> dict:
         return {"planning_time_s": self.planning_time_s, "alternatives_time_s": self.alternatives_time_s,
                 "candidates": self.candidates,
                 "evaluated": self.evaluated, "pruned_by_bound": self.pruned_by_bound,
-                "pruned_by_memory": self.pruned_by_memory, "ilp_solves": self.ilp_solves,
-                "notes": list(self.notes)}
+                "pruned_by_memory": self.pruned_by_memory, "split_solves": self.split_solves}
 
 
 @dataclass
@@ -115,7 +114,7 @@ class Planner:
         self._totals: dict[tuple, _Totals] = {}
         self._splits: dict[tuple, SplitSolution] = {}
         self._evals: dict[Candidate, Evaluated] = {}
-        self.ilp_solves = 0
+        self.split_solves = 0
 
     # --- bounds -----------------------------------------------------------
     def totals(self, tp: int, sp: bool, recompute) -> _Totals:
@@ -128,14 +127,10 @@ class Planner:
             self._totals[key] = _Totals(
                 costs=costs, time_s=sum(c.fwd_s + c.bwd_s for c in costs),
                 tp_bytes=sum(c.tp_bytes for c in costs), tp_calls=sum(c.tp_collectives for c in costs),
-                params=float(self.profile_params(costs)), act_bytes=sum(c.act_bytes for c in costs),
+                params=sum(c.params for c in costs if c.tied_to is None), act_bytes=sum(c.act_bytes for c in costs),
                 boundary_bytes=min(c.output_bytes for c in costs[:-1]) if len(costs) > 1 else 0.0,
                 split_time_s=tuple(c.fwd_s + c.bwd_s + c.tp_bytes * ring for c in costs))
         return self._totals[key]
-
-    @staticmethod
-    def profile_params(costs: list[LayerCost]) -> float:
-        return sum(c.params for c in costs if c.tied_to is None)
 
     def lower_bound(self, cand: Candidate) -> tuple[float, float]:
         """(step time, peak memory) no split of this candidate can beat."""
@@ -251,7 +246,7 @@ class Planner:
             key = problem
         if key not in self._splits:
             self._splits[key] = solve_split(problem, solver=self.split_solver)
-            self.ilp_solves += 1
+            self.split_solves += 1
         return self._splits[key]
 
     def plan_for(self, cand: Candidate, split: SplitSolution) -> Plan:
@@ -305,7 +300,7 @@ class Planner:
                 time_s=t.split_time_s, weight_bytes=(0.0,) * len(t.costs), act_bytes=(0.0,) * len(t.costs),
                 num_devices=cand.pp, virtual_stages=cand.virtual_stages, inflight=(1.0,) * chunks,
                 capacity_bytes=math.inf), solver=self.split_solver)
-            self.ilp_solves += 1
+            self.split_solves += 1
         pipe = cand.num_microbatches * cand.micro_batch_size * self._splits[key].bottleneck_s
         return pipe + self._other_bound(cand, t)
 
@@ -400,7 +395,7 @@ def search(profile: ModelProfile, cluster: ClusterSpec, *, global_batch_size: in
     return SearchResult(
         best=best, alternatives=alts, planning_time_s=planning_s, candidates=len(cands),
         evaluated=evaluated, pruned_by_bound=pruned_bound, pruned_by_memory=pruned_mem,
-        ilp_solves=planner.ilp_solves, alternatives_time_s=time.perf_counter() - start - planning_s)
+        split_solves=planner.split_solves, alternatives_time_s=time.perf_counter() - start - planning_s)
 
 
 def _pinned(pins: Pins) -> bool:
