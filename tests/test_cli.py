@@ -135,3 +135,18 @@ def test_ilp_solver_prints_nothing_on_stdout():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
     assert proc.stderr.strip().splitlines()[-1] in ("highs", "trivial")
+
+
+def test_model_id_from_the_local_hf_cache(tmp_path, monkeypatch):
+    """A model id present in the local Hugging Face cache is found without the network."""
+    snapshot = tmp_path / "models--acme--tiny-llama" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8,
+        "num_key_value_heads": 4, "intermediate_size": 512, "vocab_size": 1000, "max_position_embeddings": 512}))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    res = _explain("acme/tiny-llama", "--gpus", "2", "--cluster", "a100-40gb", "--json", "--no-alternatives")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["model"]["layers"] == 4 and out["model"]["hidden_size"] == 256
+    assert out["model"]["name"] == "acme/tiny-llama"

@@ -130,6 +130,8 @@ def load_config_dict(model: str) -> tuple[str, dict]:
     if not isinstance(raw, dict):
         raise AutoparError(f"malformed config {str(path)!r}: expected a JSON object, got {type(raw).__name__}")
     name = raw.get("_autopar_name") or (path.parent.name if path.name == "config.json" else path.stem)
+    if path.parent.parent.name == "snapshots":  # the HF cache: models--org--name/snapshots/<hash>/
+        name = path.parent.parent.parent.name.removeprefix("models--").replace("--", "/")
     return str(name), raw
 
 
