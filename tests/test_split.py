@@ -15,8 +15,9 @@ from functools import lru_cache
 import pytest
 
 from autopar.errors import AutoparError
-from autopar.plan.split import (SplitProblem, SplitTimeLimitError, _memory_lower_bound, _runs,
-                                _time_lower_bound, chunk_layers, evaluate_split, solve_split)
+from autopar.plan.split import SplitProblem, SplitTimeLimitError, chunk_layers, evaluate_split, solve_split
+from autopar.plan.split_ilp import (_memory_lower_bound, _runs,
+                                    _time_lower_bound)
 
 RTOL = 1e-9
 # PuLP 3.3 deprecates its bundled CBC (PULP_CBC_CMD, gone in 4.0); the split still
