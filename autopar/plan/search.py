@@ -28,21 +28,11 @@ from autopar.plan.split import SplitProblem, SplitSolution, solve_split
 from autopar.plan.types import Pins, Plan, Schedule, StagePlan
 from autopar.profile.types import ModelProfile
 
-ALTERNATIVE_DIMENSIONS = ("tp", "pp", "schedule", "recompute", "zero_stage", "micro_batch_size")
-"""The choices `explain` shows the best alternative for, one per other value."""
-
 BUBBLE_BOUND_MARGIN = 0.5
 """Share of the balanced bubble the bound leaves out for 1F1B and interleaved
 1F1B: an uneven split's DAG filled and drained up to 31% faster than the
 balanced bubble on the test problems; tests/test_search.py checks the bound
 against the exact cost of every candidate of its problems."""
-
-EXACT_EVALS_PER_ALTERNATIVE = 2
-"""Exact costings spent on each alternative group after the main search once
-one of them fits (up to twice as many while none fits); the alternative
-shown is the best found so, the main search's own result being exactly
-optimal."""
-
 
 @dataclass(frozen=True, kw_only=True)
 class Evaluated:
@@ -333,7 +323,7 @@ def _better(a: Evaluated | None, b: Evaluated) -> bool:
     return (b.cost.step_time_s, b.candidate) < (a.cost.step_time_s, a.candidate)
 
 
-def _scan(planner: Planner, ordered: list[tuple[float, float, Candidate]], capacity: float,
+def scan_candidates(planner: Planner, ordered: list[tuple[float, float, Candidate]], capacity: float,
           budget: int | None = None) -> tuple[Evaluated | None, Evaluated | None, int, int, int]:
     """Visit candidates in bound order: (best fitting, least over, evaluated, pruned by bound, by memory).
 
@@ -383,7 +373,7 @@ def search(profile: ModelProfile, cluster: ClusterSpec, *, global_batch_size: in
     cands = enumerate_candidates(profile, cluster, global_batch_size=global_batch_size, pins=pins)
     ordered = sorted((*planner.lower_bound(c), c) for c in cands)
     capacity = cluster.device.memory_bytes
-    best, least_over, evaluated, pruned_bound, pruned_mem = _scan(planner, ordered, capacity)
+    best, least_over, evaluated, pruned_bound, pruned_mem = scan_candidates(planner, ordered, capacity)
     if best is None:
         if least_over is None:
             least_over = planner.evaluate(min(ordered, key=lambda x: (x[1], x[2]))[2])
@@ -391,7 +381,9 @@ def search(profile: ModelProfile, cluster: ClusterSpec, *, global_batch_size: in
             raise AutoparError(_does_not_fit(profile, cluster, least_over, global_batch_size))
         best = least_over
     planning_s = time.perf_counter() - start
-    alts = _alternatives(planner, ordered, best, capacity) if alternatives else ()
+    from autopar.plan.alternatives import best_alternatives
+
+    alts = best_alternatives(planner, ordered, best, capacity) if alternatives else ()
     return SearchResult(
         best=best, alternatives=alts, planning_time_s=planning_s, candidates=len(cands),
         evaluated=evaluated, pruned_by_bound=pruned_bound, pruned_by_memory=pruned_mem,
@@ -401,51 +393,6 @@ def search(profile: ModelProfile, cluster: ClusterSpec, *, global_batch_size: in
 def _pinned(pins: Pins) -> bool:
     return any(getattr(pins, f) is not None for f in
                ("dp", "tp", "pp", "micro_batch_size", "virtual_stages", "schedule", "recompute", "zero_stage"))
-
-
-def _value(cand: Candidate, dim: str) -> str:
-    value = getattr(cand, dim)
-    return value.value if hasattr(value, "value") else str(value)
-
-
-_TERM_LABELS = {"compute_s": "compute", "tp_comm_s": "TP communication", "pp_comm_s": "pipeline sends",
-                "dp_comm_s": "data-parallel communication", "bubble_s": "pipeline bubble",
-                "optimizer_s": "optimizer step"}
-
-
-def explain_loss(alt: Evaluated, best: Evaluated) -> str:
-    """Why ``alt`` lost to ``best``, in one phrase."""
-    gib = 1024**3
-    if not alt.cost.fits:
-        worst = max(alt.cost.stages, key=lambda s: s.peak_bytes)
-        return (f"needs {worst.peak_bytes / gib:.1f} GiB per GPU, device has "
-                f"{worst.capacity_bytes / gib:.0f} GiB")
-    a, b = alt.cost.breakdown(), best.cost.breakdown()
-    term = max(a, key=lambda k: (a[k] - b[k], k))
-    ratio = alt.cost.step_time_s / best.cost.step_time_s
-    share = a[term] / alt.cost.step_time_s
-    if ratio <= 1.0 + 1e-9:
-        return f"as fast ({ratio:.3f}x); the tie goes to the earlier layout in the fixed order"
-    delta = a[term] - b[term]
-    grown = f"{delta * 1e3:.0f} ms" if delta < 1 else f"{delta:.2f} s"
-    return (f"{ratio:.2f}x slower, {_TERM_LABELS[term]} +{grown} "
-            f"({share:.0%} of its step vs {b[term] / best.cost.step_time_s:.0%})")
-
-
-def _alternatives(planner: Planner, ordered: list, best: Evaluated, capacity: float) -> tuple[Alternative, ...]:
-    """The best layout found for every other value of each dimension."""
-    out = []
-    for dim in ALTERNATIVE_DIMENSIONS:
-        groups: dict[str, list] = {}
-        for item in ordered:
-            groups.setdefault(_value(item[2], dim), []).append(item)
-        for value in sorted(groups, key=lambda v: (len(v), v)):
-            if value == _value(best.candidate, dim):
-                continue
-            fit, over, _, _, _ = _scan(planner, groups[value], capacity, budget=EXACT_EVALS_PER_ALTERNATIVE)
-            ev = fit or over or planner.evaluate(min(groups[value], key=lambda x: (x[1], x[2]))[2])
-            out.append(Alternative(dimension=dim, value=value, evaluated=ev, reason=explain_loss(ev, best)))
-    return tuple(out)
 
 
 def _does_not_fit(profile: ModelProfile, cluster: ClusterSpec, least: Evaluated, batch: int) -> str:
