@@ -140,3 +140,9 @@ def test_ilp_solver_gives_the_same_plan_as_the_chain_dp():
     assert by_ilp.best.plan.to_json() == by_dp.best.plan.to_json()
     assert by_ilp.best.split.solver in ("highs", "trivial")
     assert by_ilp.best.cost.step_time_s == pytest.approx(by_dp.best.cost.step_time_s, rel=1e-9)
+
+
+def test_search_counts_add_up():
+    profile = profile_analytic(load_arch("gpt2-xl"), seq_len=1024)
+    result = search(profile, PRESETS["a100-80gb"].with_gpus(8), global_batch_size=32, alternatives=False)
+    assert result.evaluated + result.pruned_by_bound + result.pruned_by_memory == result.candidates

@@ -348,10 +348,11 @@ def scan_candidates(planner: Planner, ordered: list[tuple[float, float, Candidat
             pruned_split += 1
             continue
         ev = planner.evaluate(cand, prune_above=limit)
-        evaluated += 1
-        if ev is None:
+        if ev is None:  # its actual split's floor already reached the best
             pruned_split += 1
-        elif ev.cost.fits:
+            continue
+        evaluated += 1
+        if ev.cost.fits:
             best = ev if _better(best, ev) else best
         elif _better(least_over, ev):
             least_over = ev
