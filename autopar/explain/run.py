@@ -76,7 +76,7 @@ def run_explain(*, model: str, cluster: str | None, gpus: int | None, nodes: int
         raise AutoparError(f"--plot {str(plot)!r}: use a .png or .svg file name")
     profile = profile_model(arch, seq, getattr(profiler, "value", profiler), getattr(attention, "value", attention))
     pins = make_pins(**pin_args)
-    opts = measured_options(arch, spec, seq, pins) if measure else None
+    opts = measured_options(arch, profile, spec, pins) if measure else None
     result = search(profile, spec, global_batch_size=batch, pins=pins, alternatives=alternatives,
                     split_solver=split_solver, opts=opts)
     if json_out:
@@ -93,36 +93,35 @@ def run_explain(*, model: str, cluster: str | None, gpus: int | None, nodes: int
             console = Console(width=MIN_REPORT_WIDTH)
         render(result, profile, spec, console)
     if plot is not None:
-        path = write_plot(plot, result.best, profile, spec)
+        path = write_plot(plot, result.best, profile, spec, opts)
         print(f"wrote {path}", file=sys.stderr)
 
 
-def measured_options(arch: ArchConfig, spec: ClusterSpec, seq_len: int, pins: Pins):
+def measured_options(arch: ArchConfig, profile: ModelProfile, spec: ClusterSpec, pins: Pins):
     """Time one block on this machine's device for every TP degree the search may use."""
     import torch
 
     from autopar.cost.layers import CostOptions
-    from autopar.plan.space import divisors
+    from autopar.plan.space import tp_options
     from autopar.profile.measured import measure_blocks
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         print("--measure: no CUDA device here; timing blocks on the CPU, which prices the cluster's GPUs "
               "as this CPU", file=sys.stderr)
-    heads, kv = arch.num_attention_heads, arch.num_key_value_heads
-    tps = [pins.tp] if pins.tp else [t for t in divisors(spec.gpus_per_node) if heads % t == 0 and kv % t == 0]
+    tps = tp_options(profile, spec, spec.world_size, pins)
     print(f"--measure: timing one {arch.name} block on {device} at tp {tps}...", file=sys.stderr)
-    return CostOptions(measured_block_s=measure_blocks(arch, seq_len=seq_len, tps=tps, device=device))
+    return CostOptions(measured_block_s=measure_blocks(arch, seq_len=profile.seq_len, tps=tps, device=device))
 
 
-def write_plot(path: Path, best, profile: ModelProfile, spec: ClusterSpec) -> Path:
-    """Timeline of the best plan's step (the task DAG) and its memory per rank."""
+def write_plot(path: Path, best, profile: ModelProfile, spec: ClusterSpec, opts=None) -> Path:
+    """Timeline of the best plan's step (the task DAG, with the estimate's cost options) and its memory per rank."""
     from autopar.cost.model import chunk_times
     from autopar.cost.pipeline import action_orders, simulate
     from autopar.explain.plot import plot_plan
 
     plan = best.plan
-    fwd, bwd, p2p = chunk_times(profile, spec, plan)
+    fwd, bwd, p2p = chunk_times(profile, spec, plan, opts)
     orders = action_orders(plan.schedule.value, plan.pp, plan.virtual_stages, plan.num_microbatches)
     timeline = simulate(orders, fwd, bwd, p2p)
     parts = {name: [s.memory_bytes[name] for s in best.cost.stages]

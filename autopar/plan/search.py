@@ -34,6 +34,22 @@ BUBBLE_BOUND_MARGIN = 0.5
 balanced bubble on the test problems; tests/test_search.py checks the bound
 against the exact cost of every candidate of its problems."""
 
+SPLIT_MODES = ("chunk", "chunk_memory")
+"""[Note: split modes] The ILP minimises the busiest "device"'s time.
+
+``chunk``: every chunk is a device, so chunks come out balanced; the
+schedule's DAG needs that (interleaved 1F1B with equal per-rank sums but
+uneven chunks ran 10-45% slower in the DAG). It ignores memory. When it
+does not fit, ``chunk_memory`` keeps chunks balanced under a per-chunk
+share of the rank's memory: all of it for one chunk per rank (exact), and
+capacity / v for interleaving (conservative: a rank whose chunks could share
+memory unevenly is called full; we round memory up, never down). The first
+split that fits is kept, else the least over. Balancing whole ranks under
+their real memory (the ILP with v > 1) was tried as a third mode: it cost
+the 1T search 2-3 s of HiGHS solves that almost never fit.
+"""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Evaluated:
     """A candidate with its split and predicted cost."""
@@ -260,7 +276,7 @@ class Planner:
             return self._evals[cand]
         t = self.totals(cand.tp, cand.sequence_parallel, cand.recompute)
         result, pruned = None, False
-        for mode in _split_modes(cand):
+        for mode in SPLIT_MODES:
             split = self._split(cand, mode)
             plan = self.plan_for(cand, split)
             ranges = [range(a, b) for a, b in zip(split.boundaries, [*split.boundaries[1:], len(self.names)])]
@@ -293,24 +309,6 @@ class Planner:
             self.split_solves += 1
         pipe = cand.num_microbatches * cand.micro_batch_size * self._splits[key].bottleneck_s
         return pipe + self._other_bound(cand, t)
-
-def _split_modes(cand: Candidate) -> tuple[str, ...]:
-    """[Note: split modes] The ILP minimises the busiest "device"'s time.
-
-    ``chunk``: every chunk is a device, so chunks come out balanced; the
-    schedule's DAG needs that (interleaved 1F1B with equal per-rank sums but
-    uneven chunks ran 10-45% slower in the DAG). It ignores memory. When it
-    does not fit, ``chunk_memory`` keeps chunks balanced under a per-chunk
-    share of the rank's memory: all of it for one chunk per rank (exact), and
-    capacity / v for interleaving (conservative: a rank whose chunks could share
-    memory unevenly is called full; we round memory up, never down). The first
-    split that fits is kept, else the least over. Balancing whole ranks under
-    their real memory (the ILP with v > 1) was tried as a third mode: it cost
-    the 1T search 2-3 s of HiGHS solves that almost never fit.
-    """
-    del cand
-    return ("chunk", "chunk_memory")
-
 
 def _better(a: Evaluated | None, b: Evaluated) -> bool:
     """Is ``b`` better than ``a``? Fitting first, then faster, then less over, then field order."""

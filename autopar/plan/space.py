@@ -48,7 +48,8 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _tp_options(profile: ModelProfile, cluster: ClusterSpec, world: int, pins: Pins) -> list[int]:
+def tp_options(profile: ModelProfile, cluster: ClusterSpec, world: int, pins: Pins) -> list[int]:
+    """TP degrees the search tries: inside a node unless pinned or allowed across nodes."""
     heads, kv = profile.num_attention_heads, profile.num_key_value_heads
     if pins.tp is not None:
         if heads % pins.tp or kv % pins.tp:
@@ -102,7 +103,7 @@ def enumerate_candidates(profile: ModelProfile, cluster: ClusterSpec, *, global_
     num_layers = sum(layer.count for layer in profile.layers)
     out: list[Candidate] = []
     batch_rejected: set[int] = set()
-    for tp in _tp_options(profile, cluster, world, pins):
+    for tp in tp_options(profile, cluster, world, pins):
         for pp in ([pins.pp] if pins.pp else divisors(world // tp)):
             if world % (tp * pp) or pp > num_layers:
                 continue
