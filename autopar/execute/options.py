@@ -1,0 +1,83 @@
+"""The options of the one line: hints and pins, checked before anything is built."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+from autopar.errors import AutoparError
+from autopar.plan.types import Pins, Schedule
+from autopar.profile.types import Recompute
+
+DEFAULT_SEQ_LEN = 2048
+"""Sequence length the layout is planned for when no hint is given (capped by the model's context)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelOptions:
+    """``autopar.enable_advanced_parallelization(**options)`` / ``autopar.parallelize(model, **options)``.
+
+    Every field is optional. Hints say what the first batch will look like so
+    the layout is planned right before the optimizer exists; pins fix a choice
+    of the planner (the same names as ``autopar explain``'s flags).
+    """
+
+    global_batch_size: int | None = None
+    """Sequences per optimizer step over all ranks (default: one per rank)."""
+    seq_len: int | None = None
+    """Tokens per sequence (default: 2048, capped by the model's context)."""
+    dp: int | None = None
+    tp: int | None = None
+    pp: int | None = None
+    micro_batch_size: int | None = None
+    virtual_stages: int | None = None
+    schedule: str | None = None
+    """``gpipe``, ``1f1b`` or ``interleaved_1f1b``."""
+    recompute: str | None = None
+    """``none``, ``selective`` or ``full``."""
+    zero_stage: int | None = None
+    """0, 1 or 3 (every dp>1 layout runs FSDP2; see docs/executor.md)."""
+    memory_headroom: float = 0.1
+    """Fraction of each device's memory the plan leaves free (0 <= headroom < 1)."""
+    cluster: str | None = None
+    """A cluster preset or JSON file to plan for instead of the detected one (docs/clusters.md)."""
+    log_every: int = 10
+    """Log step statistics on rank 0 every this many steps (and the first); 0 turns it off."""
+    check_batch: bool = True
+    """Broadcast rank 0's batch every step (the truth when ranks pass different batches)."""
+
+    def __post_init__(self) -> None:
+        for name in ("global_batch_size", "seq_len", "dp", "tp", "pp", "micro_batch_size", "virtual_stages"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise AutoparError(f"autopar option {name}={value!r}: must be a positive integer or None")
+        if self.schedule is not None and self.schedule not in {s.value for s in Schedule}:
+            raise AutoparError(f"autopar option schedule={self.schedule!r}: use one of "
+                               f"{', '.join(s.value for s in Schedule)}")
+        if self.recompute is not None and self.recompute not in {r.value for r in Recompute}:
+            raise AutoparError(f"autopar option recompute={self.recompute!r}: use none, selective or full")
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 3):
+            raise AutoparError(f"autopar option zero_stage={self.zero_stage!r}: use 0, 1 or 3")
+        if not isinstance(self.memory_headroom, (int, float)) or not 0 <= self.memory_headroom < 1:
+            raise AutoparError(f"autopar option memory_headroom={self.memory_headroom!r}: use a fraction in [0, 1)")
+        if isinstance(self.log_every, bool) or not isinstance(self.log_every, int) or self.log_every < 0:
+            raise AutoparError(f"autopar option log_every={self.log_every!r}: use 0 (off) or a positive integer")
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> ParallelOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise AutoparError(f"unknown autopar option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**kwargs)
+
+    def pins(self) -> Pins:
+        """The planner's pins; sequence parallelism is not executed yet, so it is pinned off."""
+        return Pins(dp=self.dp, tp=self.tp, pp=self.pp, micro_batch_size=self.micro_batch_size,
+                    virtual_stages=self.virtual_stages,
+                    schedule=Schedule(self.schedule) if self.schedule else None,
+                    recompute=Recompute(self.recompute) if self.recompute else None,
+                    zero_stage=self.zero_stage, sequence_parallel=False)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)

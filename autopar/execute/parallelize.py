@@ -1,0 +1,257 @@
+"""From a transformers config to this rank's parallel model: plan, agree, build.
+
+:func:`plan_model` needs only the config (nothing is allocated before a plan
+exists, so a world or memory no plan fits fails first). :func:`build_parallel`
+builds the skeleton on the meta device, applies the plan (``autopar.execute.build``)
+and fills this rank's tensors from a weight source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from autopar.errors import AutoparError, UnsupportedModelError
+from autopar.execute.agree import agree_on_plan, config_json
+from autopar.execute.build import (
+    apply_fsdp,
+    apply_recompute,
+    apply_tp,
+    cut_to_rank,
+    fill_from,
+    make_layout,
+    sum_gradients,
+)
+from autopar.execute.families import SPLITTABLE, Family, family_of
+from autopar.execute.options import DEFAULT_SEQ_LEN, ParallelOptions
+from autopar.execute.runtime import Runtime, detect_runtime, runtime_cluster
+from autopar.execute.stage import StageModule
+from autopar.execute.step import ParallelRuntime
+from autopar.execute.weights import StateDictSource
+from autopar.plan.types import Plan, Schedule
+from autopar.profile.types import Recompute
+
+log = logging.getLogger("autopar")
+_building = threading.local()
+
+
+@contextlib.contextmanager
+def building():
+    """Inside autopar's own model construction: the transformers hooks pass through."""
+    _building.active = True
+    try:
+        yield
+    finally:
+        _building.active = False
+
+
+def is_building() -> bool:
+    return getattr(_building, "active", False)
+
+
+def _setup_logging(rt: Runtime) -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.INFO if rt.rank == 0 else logging.WARNING)
+
+
+@dataclass(frozen=True)
+class Planned:
+    plan: Plan
+    flops_per_token: float
+    fallback_reason: str | None
+    summary: str
+
+
+def _attention(config) -> str:
+    impl = getattr(config, "_attn_implementation", None) or "sdpa"
+    return impl if impl in ("sdpa", "eager") else "sdpa"
+
+
+def _fallback_reason(config) -> str | None:
+    if family_of(config) is not None:
+        return None
+    return (f"architecture {config.model_type!r} has no autopar split adapter (tensor/pipeline parallel "
+            f"supports {', '.join(sorted(SPLITTABLE))}); training it data-parallel with FSDP2 only")
+
+
+def profile_config(config, rt: Runtime, options: ParallelOptions, dtype: torch.dtype):
+    """(analytic profile or None if the architecture cannot be profiled, planned sequence length)."""
+    from autopar.profile.analytic import profile_analytic
+    from autopar.profile.config import arch_from_dict
+
+    name = getattr(config, "_name_or_path", "") or config.model_type
+    raw = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+    try:
+        arch = arch_from_dict(name, raw)
+    except UnsupportedModelError:
+        return None, options.seq_len or DEFAULT_SEQ_LEN
+    seq = options.seq_len or min(DEFAULT_SEQ_LEN, arch.max_position_embeddings)
+    elem = torch.empty((), dtype=dtype).element_size()
+    return profile_analytic(arch, seq_len=seq, dtype_bytes=elem, attention=_attention(config),
+                            device_type=rt.device.type), seq
+
+
+def plan_model(config, rt: Runtime, options: ParallelOptions, profile, seq: int) -> tuple[Plan, str]:
+    """The plan for ``config`` on this job's cluster, and a one-line summary for the log."""
+    from dataclasses import replace
+
+    from autopar.plan.search import search
+
+    batch = options.global_batch_size or rt.world_size
+    name = getattr(config, "_name_or_path", "") or config.model_type
+    if profile is None:  # cannot even be profiled: FSDP2 over every rank, one micro-batch per step
+        if batch % rt.world_size:
+            raise AutoparError(f"global_batch_size={batch} does not divide over {rt.world_size} data-parallel "
+                               f"ranks; pass a multiple of {rt.world_size}")
+        plan = Plan(dp=rt.world_size, tp=1, pp=1, micro_batch_size=batch // rt.world_size, num_microbatches=1,
+                    schedule=Schedule.ONE_F_ONE_B, virtual_stages=1, recompute=Recompute.NONE,
+                    zero_stage=3, sequence_parallel=False, stages=(), global_batch_size=batch,
+                    seq_len=seq, model=name)
+        return plan, f"{plan.describe()} (not profiled: unknown architecture)"
+    pins = options.pins()
+    if family_of(config) is None:
+        pins = replace(pins, tp=1, pp=1)
+    cluster = runtime_cluster(rt, options.cluster, options.memory_headroom)
+    result = search(profile, cluster, global_batch_size=batch, pins=pins, alternatives=False)
+    cost = result.best.cost
+    peak = max(cost.peak_memory_bytes) / 2**30
+    summary = (f"{result.best.plan.describe()}  predicted step {cost.step_time_s:.3g} s, peak {peak:.2f} GiB "
+               f"per device of {cluster.device.memory_bytes / 2**30:.1f} GiB ({cluster.nodes} node(s) x "
+               f"{cluster.gpus_per_node} {cluster.device.name})")
+    return result.best.plan, summary
+
+
+def plan_everywhere(config, rt: Runtime, options: ParallelOptions, dtype: torch.dtype) -> Planned:
+    """Rank 0 plans; every rank checks it asked for the same and receives the same plan."""
+    profile, seq = profile_config(config, rt, options, dtype)
+    summary: list[str] = []
+
+    def make() -> Plan:
+        plan, line = plan_model(config, rt, options, profile, seq)
+        summary.append(line)
+        return plan
+
+    plan = agree_on_plan(make, options_json=options.to_json(), config_json=config_json(config))
+    flops = profile.model_flops_per_seq() / seq if profile is not None else 0.0
+    return Planned(plan, flops, _fallback_reason(config), summary[0] if summary else plan.describe())
+
+
+class _WholeModelStage(nn.Module):
+    """The whole model as one stage (architectures without an adapter: FSDP2 only)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, input_ids, mask):
+        return type(self.inner).forward(self.inner, input_ids=input_ids, attention_mask=mask,
+                                         use_cache=False).logits
+
+
+def _tie_group(model, family: Family, layout, rt: Runtime):
+    """A group per (dp, tp) coordinate joining the first and last pipeline ranks (tied embedding / head)."""
+    plan = layout.plan
+    if not (plan.pp > 1 and getattr(model.config, "tie_word_embeddings", False)):
+        return None, None
+    ranks = layout.mesh.mesh
+    mine = None
+    for d in range(plan.dp):
+        for t in range(plan.tp):
+            pair = [int(ranks[d, 0, t]), int(ranks[d, plan.pp - 1, t])]
+            group = dist.new_group(pair)
+            if rt.rank in pair:
+                mine = group
+    if mine is None:
+        return None, None
+    base = getattr(model, family.base)
+    param = (base.wte if family.name == "gpt2" else base.embed_tokens).weight if layout.pp_rank == 0 \
+        else model.lm_head.weight
+    return mine, param
+
+
+def build_parallel(model_cls, config, source, rt: Runtime, options: ParallelOptions, planned: Planned, *,
+                   dtype: torch.dtype, training: bool, whole_model: nn.Module | None = None) -> nn.Module:
+    """This rank's model for ``planned.plan``, filled from ``source`` (see module docstring)."""
+    plan = planned.plan
+    layout = make_layout(plan, rt)
+    fam = family_of(config)
+    if fam is None:
+        if whole_model is None:
+            raise AssertionError("the data-parallel fallback needs the model in memory")
+        model = whole_model.to(rt.device)
+        stage = _WholeModelStage(model)
+        if plan.dp > 1:
+            from torch.distributed.fsdp import fully_shard
+
+            layers = set(getattr(model, "_no_split_modules", None) or ())
+            for module in model.modules():
+                if type(module).__name__ in layers:
+                    fully_shard(module, mesh=layout.sub("dp"))
+                    sum_gradients(module)
+            fully_shard(stage, mesh=layout.sub("dp"))
+            sum_gradients(stage)
+        stages = {0: stage}
+        family = None
+    else:
+        family = Family(fam)
+        with building(), torch.device("meta"):
+            model = model_cls._from_config(config, dtype=dtype, attn_implementation=_attention(config))
+        if getattr(config, "tie_word_embeddings", False):  # a meta build may leave the head untied
+            model.lm_head.weight = model.get_input_embeddings().weight
+        per_chunk = cut_to_rank(model, family, layout)
+        converted: set[str] = set()
+        if plan.tp > 1:
+            apply_tp(model, family, layout, converted)
+        apply_recompute(model, family, plan.recompute)
+        stages = {c: StageModule(family, model, c, layout.num_chunks, blocks) for c, blocks in per_chunk.items()}
+        if plan.dp > 1:
+            apply_fsdp(list(stages.values()), layout)
+        fill_from(model, family, source, plan.tp, converted, rt.device)
+    model.train(training)
+    tie_group, tied_param = _tie_group(model, family, layout, rt) if family else (None, None)
+    runtime = ParallelRuntime(model=model, family=family, plan=plan, layout=layout, rt=rt, stages=stages,
+                              options=options, model_flops_per_token=planned.flops_per_token,
+                              tie_group=tie_group, tied_param=tied_param)
+    object.__setattr__(model, "_autopar", runtime)
+    model.forward = runtime.forward
+    return model
+
+
+def parallelize_config(model_cls, config, source_factory, options: ParallelOptions, *, dtype: torch.dtype,
+                       training: bool) -> nn.Module:
+    """Plan, then build from ``source_factory()`` -> (source, whole model or None)."""
+    rt = detect_runtime()
+    _setup_logging(rt)
+    planned = plan_everywhere(config, rt, options, dtype)
+    if planned.fallback_reason and rt.rank == 0:
+        warnings.warn(f"autopar: {planned.fallback_reason}", stacklevel=3)
+    log.info("autopar plan (digest %s): %s", planned.plan.digest(), planned.summary)
+    source, whole = source_factory(family_of(config) is None)
+    return build_parallel(model_cls, config, source, rt, options, planned, dtype=dtype, training=training,
+                          whole_model=whole)
+
+
+def parallelize(model: nn.Module, **options) -> nn.Module:
+    """Parallelize a transformers causal LM already built in memory; use the returned model."""
+    opts = ParallelOptions.from_kwargs(options)
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise AutoparError("autopar.parallelize got a model on the meta device; build it for real, or load it "
+                           "with from_pretrained under autopar.enable_advanced_parallelization()")
+    dtype = next(model.parameters()).dtype
+    from autopar.execute.weights import tied_aliases
+
+    def source(needs_whole: bool):
+        return StateDictSource(model.state_dict(), tied_aliases(type(model), model.config)), model
+
+    return parallelize_config(type(model), model.config, source, opts, dtype=dtype, training=model.training)
