@@ -154,8 +154,15 @@ def sum_gradients(module) -> None:
 
 def fill_from(model: nn.Module, family: Family | None, source, tp: int, converted: set[str],
               device: torch.device) -> None:
-    """Allocate this rank's tensors and copy its shard of each from ``source``."""
+    """Allocate this rank's tensors and copy its shard of each from ``source``.
+
+    Each parameter's local part is read as boxes of the stored tensor straight into the local tensor
+    (:func:`autopar.execute.weights.local_reads`); a parameter whose placements or layout that cannot map
+    is read whole, transformed and cut by ``distribute_tensor`` (values are the same either way).
+    """
     from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from autopar.execute import weights
 
     owners: dict[int, tuple[nn.Module, str]] = {}
     shared = []
@@ -168,11 +175,20 @@ def fill_from(model: nn.Module, family: Family | None, source, tp: int, converte
     model.to_empty(device=device)  # gives each module its own new tensor: re-tie what was shared
     for module, attr, owner, owner_attr in shared:
         setattr(module, attr, getattr(owner, owner_attr))
+    sliced = hasattr(source, "read") and hasattr(source, "info")
     with torch.no_grad():
         for name, param in model.named_parameters():
+            is_converted = name.rsplit(".", 1)[0] in converted
+            if sliced:
+                local = param.to_local() if isinstance(param, DTensor) else param.detach()
+                reads = weights.local_reads(family, name, param, local, source.info(name)[0], tp, is_converted)
+                if reads is not None:
+                    for box, dest in reads:
+                        source.read(name, box, dest)
+                    continue
             full = source.get(name)
             if family is not None:
-                full = family.checkpoint_transform(name, full, tp, converted=name.rsplit(".", 1)[0] in converted)
+                full = family.checkpoint_transform(name, full, tp, converted=is_converted)
             full = full.to(device=device, dtype=param.dtype)
             if isinstance(param, DTensor):
                 param.copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None))

@@ -149,6 +149,24 @@ class Family:
         return tensor.contiguous()
 
 
+    def checkpoint_inverse(self, name: str, tensor: torch.Tensor, tp: int, converted: bool) -> torch.Tensor:
+        """The inverse of :meth:`checkpoint_transform`: an executed (whole) tensor in the checkpoint's layout."""
+        if self.name != "gpt2" or not converted:
+            return tensor
+        module, leaf = name.rsplit(".", 1)
+        if module.endswith("attn.c_attn") and tp > 1:
+            tensor = unorder_qkv(tensor, tp)
+        if leaf == "weight":
+            tensor = tensor.t()
+        return tensor.contiguous()
+
+
+def unorder_qkv(tensor: torch.Tensor, tp: int) -> torch.Tensor:
+    """Per-rank [q_r k_r v_r] chunks -> [q | k | v] (inverse of :func:`reorder_qkv`)."""
+    per_rank = [chunk.chunk(3, dim=0) for chunk in tensor.chunk(tp, dim=0)]
+    return torch.cat([torch.cat([parts[i] for parts in per_rank]) for i in range(3)])
+
+
 def reorder_qkv(tensor: torch.Tensor, tp: int) -> torch.Tensor:
     """[q | k | v] along dim 0 -> per-rank [q_r k_r v_r] chunks (see Family.checkpoint_transform)."""
     q, k, v = tensor.chunk(3, dim=0)

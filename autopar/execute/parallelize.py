@@ -186,6 +186,7 @@ def build_parallel(model_cls, config, source, rt: Runtime, options: ParallelOpti
     plan = planned.plan
     layout = make_layout(plan, rt)
     fam = family_of(config)
+    converted: set[str] = set()
     if fam is None:
         if whole_model is None:
             raise AssertionError("the data-parallel fallback needs the model in memory")
@@ -210,7 +211,6 @@ def build_parallel(model_cls, config, source, rt: Runtime, options: ParallelOpti
         if getattr(config, "tie_word_embeddings", False):  # a meta build may leave the head untied
             model.lm_head.weight = model.get_input_embeddings().weight
         per_chunk = cut_to_rank(model, family, layout)
-        converted: set[str] = set()
         if plan.tp > 1:
             apply_tp(model, family, layout, converted)
         apply_recompute(model, family, plan.recompute)
@@ -222,7 +222,7 @@ def build_parallel(model_cls, config, source, rt: Runtime, options: ParallelOpti
     tie_group, tied_param = _tie_group(model, family, layout, rt) if family else (None, None)
     runtime = ParallelRuntime(model=model, family=family, plan=plan, layout=layout, rt=rt, stages=stages,
                               options=options, model_flops_per_token=planned.flops_per_token,
-                              tie_group=tie_group, tied_param=tied_param)
+                              tie_group=tie_group, tied_param=tied_param, converted=frozenset(converted))
     object.__setattr__(model, "_autopar", runtime)
     model.forward = runtime.forward
     return model

@@ -75,7 +75,8 @@ class ParallelRuntime:
     """State of the executed plan on this rank: stages, schedule, groups, step statistics."""
 
     def __init__(self, *, model, family, plan: Plan, layout: Layout, rt: Runtime, stages: dict,
-                 options, model_flops_per_token: float, tie_group=None, tied_param=None):
+                 options, model_flops_per_token: float, tie_group=None, tied_param=None,
+                 converted: frozenset = frozenset()):
         self.model = model
         self.family = family
         self.plan = plan
@@ -86,6 +87,8 @@ class ParallelRuntime:
         self.model_flops_per_token = model_flops_per_token
         self.tie_group = tie_group
         self.tied_param = tied_param
+        self.converted = converted
+        """Modules (GPT-2 Conv1D) run as nn.Linear under TP: their tensors are stored transposed."""
         self.loss_fn = LossFn()
         self._schedules: dict[int, object] = {}
         self._shape: tuple[int, int] | None = None

@@ -1,0 +1,46 @@
+"""Run a worker script under torchrun (gloo on CPU) from a test."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+WORKERS = Path(__file__).parent / "workers"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env(**extra: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(extra)
+    return env
+
+
+def torchrun(nproc: int, script: str, *args: str, timeout: float = 240, nnodes: int = 1,
+             extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node nproc WORKERS/script args`` on a free local port; output captured."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(WORKERS / script), *args]
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
+                          env=worker_env(**(extra_env or {})))
+
+
+def python(script: str, *args: str, timeout: float = 120, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(WORKERS / script), *args]
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
+                          env=worker_env(**(extra_env or {})))
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """Fail the test with the worker's output tail if it failed."""
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+        raise AssertionError(f"worker exited {proc.returncode}:\n{tail}")
+    return proc
