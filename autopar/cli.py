@@ -98,6 +98,37 @@ def presets() -> None:
     typer.echo("clusters: " + ", ".join([*PRESETS, "cpu"]))
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    ctx: typer.Context,
+    script: str = typer.Argument(..., help="The training script (then its own arguments)."),
+    nproc: int = typer.Option(1, "-n", "--nproc-per-node", help="Processes on this node."),
+    nnodes: str = typer.Option("1", "--nnodes", help="Nodes (torchrun's MIN[:MAX] form)."),
+    node_rank: Optional[int] = typer.Option(None, "--node-rank", help="This node's rank (static rendezvous)."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="host:port of the rendezvous."),
+    rdzv_id: Optional[str] = typer.Option(None, "--rdzv-id", help="Job id shared by every node."),
+) -> None:
+    """Launch SCRIPT on NPROC processes: a thin front to torch.distributed.run (torchrun).
+
+    One node: `autopar run -n 4 train.py`. Several: the same command on each
+    node with --nnodes N --rdzv-endpoint HOST:PORT --rdzv-id JOB (c10d rendezvous).
+    """
+    if nproc < 1:
+        _fail(AutoparError(f"-n {nproc}: must be a positive integer"))
+    if not Path(script).is_file():
+        _fail(AutoparError(f"training script {script!r} not found"))
+    from torch.distributed.run import main as torchrun
+
+    argv = ["--nproc-per-node", str(nproc), "--nnodes", nnodes]
+    if rdzv_endpoint:
+        argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv_id or "autopar"]
+    elif nnodes == "1":
+        argv.append("--standalone")
+    if node_rank is not None:
+        argv += ["--node-rank", str(node_rank)]
+    torchrun([*argv, script, *ctx.args])
+
+
 def main() -> None:
     """Entry point of the `autopar` script."""
     try:

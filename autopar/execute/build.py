@@ -157,7 +157,7 @@ def fill_from(model: nn.Module, family: Family | None, source, tp: int, converte
     """Allocate this rank's tensors and copy its shard of each from ``source``.
 
     Each parameter's local part is read as boxes of the stored tensor straight into the local tensor
-    (:func:`autopar.execute.weights.local_reads`); a parameter whose placements or layout that cannot map
+    (:func:`autopar.execute.weights.local_reads`); a parameter whose placements or layout it cannot map
     is read whole, transformed and cut by ``distribute_tensor`` (values are the same either way).
     """
     from torch.distributed.tensor import DTensor, distribute_tensor

@@ -114,11 +114,19 @@ def _from_config(cls, original, config, **kwargs):
     return parallelize_config(cls, config, source, _state["options"], dtype=dtype, training=True)
 
 
+DISABLE_ENV = "AUTOPAR_DISABLE"
+"""Set to 1 to make the one line a no-op (run the same script as plain single-device training)."""
+
+
 def enable(**options) -> None:
     """See ``autopar.enable_advanced_parallelization``."""
+    import os
+
     from transformers import PreTrainedModel
 
     opts = ParallelOptions.from_kwargs(options)
+    if os.environ.get(DISABLE_ENV, "").lower() in ("1", "true", "yes"):
+        return
     _state["options"] = opts
     if "originals" in _state:
         return

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, fields
 
 from autopar.errors import AutoparError
 from autopar.plan.types import Pins, Schedule
 from autopar.profile.types import Recompute
+
+OPTIONS_ENV = "AUTOPAR_OPTIONS"
+"""Environment variable holding a JSON object of options that override the call's."""
 
 DEFAULT_SEQ_LEN = 2048
 """Sequence length the layout is planned for when no hint is given (capped by the model's context)."""
@@ -65,6 +69,17 @@ class ParallelOptions:
 
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> ParallelOptions:
+        """The call's options, overridden by the JSON object in ``$AUTOPAR_OPTIONS`` if set
+        (to launch one script under several layouts without editing it)."""
+        raw = os.environ.get(OPTIONS_ENV)
+        if raw:
+            try:
+                extra = json.loads(raw)
+            except json.JSONDecodeError as err:
+                raise AutoparError(f"{OPTIONS_ENV}={raw!r} is not JSON ({err}); use e.g. '{{\"tp\": 2}}'") from None
+            if not isinstance(extra, dict):
+                raise AutoparError(f"{OPTIONS_ENV}={raw!r}: expected a JSON object of options")
+            kwargs = {**kwargs, **extra}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:

@@ -31,7 +31,12 @@ from autopar.execute.build import (
 )
 from autopar.execute.families import SPLITTABLE, Family, family_of
 from autopar.execute.options import DEFAULT_SEQ_LEN, ParallelOptions
-from autopar.execute.runtime import Runtime, detect_runtime, runtime_cluster
+from autopar.execute.runtime import (
+    Runtime,
+    detect_runtime,
+    node_of_every_rank,
+    runtime_cluster,
+)
 from autopar.execute.stage import StageModule
 from autopar.execute.step import ParallelRuntime
 from autopar.execute.weights import StateDictSource
@@ -180,11 +185,26 @@ def _tie_group(model, family: Family, layout, rt: Runtime):
     return mine, param
 
 
+def _check_tp_placement(layout, rt: Runtime) -> None:
+    """Log where the TP groups landed; warn if one spans nodes without the plan saying so."""
+    if layout.mesh is None or layout.plan.tp == 1:
+        return
+    nodes = node_of_every_rank(rt)
+    groups = layout.mesh.mesh.reshape(-1, layout.plan.tp).tolist()
+    spans = [g for g in groups if len({nodes[r] for r in g}) > 1]
+    if spans and not layout.plan.tp_inter_node:
+        log.warning("autopar: TP groups %s span nodes (node of each rank: %s); launch the same number of "
+                    "processes per node, ranks numbered node by node (torchrun does)", spans, nodes)
+    else:
+        log.info("autopar: TP groups %s, each inside one node (node of each rank: %s)", groups, nodes)
+
+
 def build_parallel(model_cls, config, source, rt: Runtime, options: ParallelOptions, planned: Planned, *,
                    dtype: torch.dtype, training: bool, whole_model: nn.Module | None = None) -> nn.Module:
     """This rank's model for ``planned.plan``, filled from ``source`` (see module docstring)."""
     plan = planned.plan
     layout = make_layout(plan, rt)
+    _check_tp_placement(layout, rt)
     fam = family_of(config)
     converted: set[str] = set()
     if fam is None:

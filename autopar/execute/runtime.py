@@ -99,3 +99,13 @@ def runtime_cluster(rt: Runtime, cluster: str | None = None, headroom: float = 0
         base = replace(host, device=device, nodes=rt.nodes, gpus_per_node=rt.local_world_size)
     device = replace(base.device, memory_bytes=base.device.memory_bytes * (1.0 - headroom))
     return replace(base, device=device)
+
+
+def node_of_every_rank(rt: Runtime) -> list[int]:
+    """Node index of every rank (torchrun's ``GROUP_RANK``), gathered on every rank."""
+    mine = _env_int("GROUP_RANK", rt.rank // rt.local_world_size)
+    if not rt.distributed:
+        return [mine]
+    nodes: list = [None] * rt.world_size
+    dist.all_gather_object(nodes, mine)
+    return nodes

@@ -48,7 +48,7 @@ class StageModule(nn.Module):
             hidden, _ = family.embed(self._model, x)
         else:
             hidden = x
-        keep = mask.to(torch.bool)
+        keep = mask.to(torch.long)  # the dtype a user passes: transformers builds the same mask
         if len(self.blocks):
             ctx = family.block_context(self._model, hidden, keep)
             for block in self.blocks.values():

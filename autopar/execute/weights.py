@@ -39,6 +39,8 @@ from autopar.errors import AutoparError
 
 CHUNK_BYTES = 16 << 20
 """Largest scratch buffer one read uses (file bytes read at once when not reading into place)."""
+GAP_BYTES = 4096
+"""Pieces of a tensor closer than this in the file (a page) are read in one span, gaps included."""
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -182,7 +184,8 @@ class _File:
 
     def _pread(self, buf: torch.Tensor, offset: int) -> None:
         """Fill the CPU tensor ``buf`` (contiguous) with the file bytes from ``offset``."""
-        view = memoryview(buf.view(torch.uint8).reshape(-1).numpy())
+        flat = buf.as_strided((buf.numel(),), (1,))  # contiguous: dense, whatever the strides of size-1 dims
+        view = memoryview(flat.view(torch.uint8).numpy())
         done = 0
         while done < len(view):
             n = os.preadv(self.fd, [view[done:]], offset + done)
@@ -230,7 +233,7 @@ class _File:
             if k == 0:  # one contiguous run of rows along dim 0
                 read += self._read_rows(begin, base, box, 0, strides, dtype, es, sub, direct)
             else:
-                read += self._read_blocks(begin, base, box, k, strides, dtype, es, sub)
+                read += self._read_blocks(begin, base, box, k, strides, dtype, es, sub, direct)
         return read, used
 
     def _read_rows(self, begin, base, box, d, strides, dtype, es, dest, direct) -> int:
@@ -250,31 +253,44 @@ class _File:
                 target.copy_(scratch)
         return (hi - lo) * row * es
 
-    def _read_blocks(self, begin, base, box, k, strides, dtype, es, dest) -> int:
+    def _read_blocks(self, begin, base, box, k, strides, dtype, es, dest, direct) -> int:
         """Along dimension ``k - 1``, blocks of rows ``box[k]`` of dimension ``k`` (whole below k),
-        evenly spaced in the file: read a span covering several at once and pick them out."""
+        evenly spaced in the file: one read per span of several blocks when the gaps between them are
+        under :data:`GAP_BYTES`, else one read per block (into place when ``direct``)."""
         lo, hi = box[k - 1]
         klo, khi = box[k]
         block = (khi - klo) * strides[k]  # elements of one block
         step = strides[k - 1]
+        first = base + klo * strides[k]
         inner = tuple(hi2 - lo2 for lo2, hi2 in box[k:])
         if block * es > CHUNK_BYTES:  # one block already big: read each in row chunks
             read = 0
             for j in range(lo, hi):
-                read += self._read_rows(begin, base + j * step, box, k, strides, dtype, es,
-                                        dest[j - lo], direct=False)
+                read += self._read_rows(begin, base + j * step, box, k, strides, dtype, es, dest[j - lo], direct)
             return read
-        per = max(1, (CHUNK_BYTES // es - block) // step + 1)
-        read = 0
+        if (step - block) * es <= GAP_BYTES:
+            per = max(1, (CHUNK_BYTES // es - block) // step + 1)
+            read = 0
+            for a in range(lo, hi, per):
+                b = min(hi, a + per)
+                span = (b - a - 1) * step + block
+                scratch = torch.empty(span, dtype=dtype)
+                self._pread(scratch, begin + (first + a * step) * es)
+                dest[a - lo:b - lo].copy_(scratch.as_strided((b - a, *inner), (step, *strides[k:])))
+                read += span * es
+            return read
+        if direct:
+            for j in range(lo, hi):
+                self._pread(dest[j - lo], begin + (first + j * step) * es)
+            return (hi - lo) * block * es
+        per = max(1, CHUNK_BYTES // (block * es))
         for a in range(lo, hi, per):
             b = min(hi, a + per)
-            span = (b - a - 1) * step + block
-            scratch = torch.empty(span, dtype=dtype)
-            self._pread(scratch, begin + (base + a * step + klo * strides[k]) * es)
-            view = scratch.as_strided((b - a, *inner), (step, *strides[k:]))
-            dest[a - lo:b - lo].copy_(view)
-            read += span * es
-        return read
+            scratch = torch.empty((b - a, *inner), dtype=dtype)
+            for j in range(a, b):
+                self._pread(scratch[j - a], begin + (first + j * step) * es)
+            dest[a - lo:b - lo].copy_(scratch)
+        return (hi - lo) * block * es
 
 
 def _resolve(name: str, keys, aliases: dict[str, str]) -> str:
