@@ -5,8 +5,10 @@
 * the mapping from an executed parameter to boxes of its stored tensor mirrors
   ``Family.checkpoint_transform`` (GPT-2's transposed Conv1D, c_attn's q/k/v
   reorder under TP);
-* a world of one loads a saved tiny GPT-2 and Llama through the safetensors
-  source (never building the whole model on CPU) and matches transformers;
+* a world of one loads a saved tiny GPT-2 (one file, and sharded over 7 files
+  with an index) and Llama through the safetensors source (never building the
+  whole model on CPU), reading exactly its parameters' bytes, and matches
+  transformers;
 * 4 gloo ranks (tests/workers/load_worker.py) load them under tp2pp2, dp2tp2
   (FSDP over TP: ``_StridedShard``, uneven), dp2pp2 and tp4: every rank reads
   exactly its local bytes, never a whole tensor, holds the same shards as the
@@ -56,6 +58,9 @@ def checkpoints(tmp_path_factory):
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(gpt2_config()).save_pretrained(root / "gpt2", safe_serialization=True)
     transformers.LlamaForCausalLM(llama_config()).save_pretrained(root / "llama", safe_serialization=True)
+    torch.manual_seed(0)  # the same GPT-2 in several files (model.safetensors.index.json)
+    transformers.GPT2LMHeadModel(gpt2_config()).save_pretrained(root / "gpt2-sharded", safe_serialization=True,
+                                                                max_shard_size="40KB")
     return root
 
 
@@ -124,7 +129,14 @@ def _ids():
     return torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def _state(folder: Path) -> dict:
+    state = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    return state
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gpt2-sharded"])
 def test_world_of_one_reads_safetensors_only(checkpoints, kind, monkeypatch):
     folder = checkpoints / kind
     ref = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -153,7 +165,8 @@ def test_world_of_one_reads_safetensors_only(checkpoints, kind, monkeypatch):
     params = dict(model.named_parameters())
     assert source.whole_reads == 0
     assert source.bytes_used == sum(p.numel() * p.element_size() for p in params.values())
-    state = load_file(str(folder / "model.safetensors"))
+    state = _state(folder)
+    assert len(source._files) == len(list(folder.glob("*.safetensors"))) == (1 if kind != "gpt2-sharded" else 7)
     for name, p in params.items():
         assert torch.equal(p, state[name]), name
     model.eval()
