@@ -145,6 +145,13 @@ def _links(plan: Plan, cluster: ClusterSpec) -> tuple[bool, bool, bool]:
     return tp_inter, pp_inter, dp_inter
 
 
+def params_per_pipeline_rank(profile: ModelProfile, cluster: ClusterSpec, plan: Plan) -> list[float]:
+    """Parameters the plan puts on each pipeline rank (one TP shard, before data-parallel sharding)."""
+    costs = layer_costs(profile, cluster, tp=plan.tp, sequence_parallel=plan.sequence_parallel,
+                        recompute=plan.recompute, opts=CostOptions())
+    return _device_params(costs, chunk_ranges(profile, plan), plan)
+
+
 def _device_params(costs: list[LayerCost], ranges: list[range], plan: Plan) -> list[float]:
     """Parameters held per pipeline rank; a tied weight counts once per rank."""
     owners: dict[str, int] = {}

@@ -26,6 +26,7 @@ from autopar.execute.build import (
     apply_tp,
     cut_to_rank,
     fill_from,
+    keep_grads_sharded,
     make_layout,
     sum_gradients,
 )
@@ -128,13 +129,24 @@ def plan_model(config, rt: Runtime, options: ParallelOptions, profile, seq: int)
     if family_of(config) is None:
         pins = replace(pins, tp=1, pp=1)
     cluster = runtime_cluster(rt, options.cluster, options.memory_headroom)
-    result = search(profile, cluster, global_batch_size=batch, pins=pins, alternatives=False)
+    try:
+        result = search(profile, cluster, global_batch_size=batch, pins=pins, alternatives=False)
+    except AutoparError as err:  # the planner speaks in explain's flags; say it in the one line's terms
+        raise AutoparError(f"{err} [executor: {rt.world_size} process(es) of {cluster.nodes} node(s); "
+                           f"options global_batch_size={batch}, seq_len={seq}, pins {pins_text(options)}; "
+                           "launch more processes or change the options]") from None
     cost = result.best.cost
     peak = max(cost.peak_memory_bytes) / 2**30
     summary = (f"{result.best.plan.describe()}  predicted step {cost.step_time_s:.3g} s, peak {peak:.2f} GiB "
                f"per device of {cluster.device.memory_bytes / 2**30:.1f} GiB ({cluster.nodes} node(s) x "
                f"{cluster.gpus_per_node} {cluster.device.name})")
     return result.best.plan, summary
+
+
+def pins_text(options: ParallelOptions) -> str:
+    pinned = {k: getattr(options, k) for k in ("dp", "tp", "pp", "micro_batch_size", "virtual_stages", "schedule",
+                                                "recompute", "zero_stage") if getattr(options, k) is not None}
+    return ", ".join(f"{k}={v}" for k, v in pinned.items()) or "none"
 
 
 def plan_everywhere(config, rt: Runtime, options: ParallelOptions, dtype: torch.dtype) -> Planned:
@@ -238,6 +250,7 @@ def build_parallel(model_cls, config, source, rt: Runtime, options: ParallelOpti
         if plan.dp > 1:
             apply_fsdp(list(stages.values()), layout)
         fill_from(model, family, source, plan.tp, converted, rt.device)
+        keep_grads_sharded(model, family, layout)
     model.train(training)
     tie_group, tied_param = _tie_group(model, family, layout, rt) if family else (None, None)
     runtime = ParallelRuntime(model=model, family=family, plan=plan, layout=layout, rt=rt, stages=stages,

@@ -55,9 +55,11 @@ class LossFn:
 
     def __init__(self):
         self.n_tokens = 1
+        self.skip = False
+        """Evaluation without labels: the schedule still calls its loss (with a placeholder target)."""
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        if labels is None:  # evaluation without labels: the schedule still calls its loss
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.skip:
             return logits.new_zeros(())
         return token_loss_sum(logits, labels) / self.n_tokens
 
@@ -265,7 +267,11 @@ class ParallelRuntime:
             logits = torch.cat(outs)
         else:
             losses: list = []
-            out = self._schedule().eval(ids, mask, target=labels, losses=losses if labels is not None else None)
+            self.loss_fn.skip = labels is None
+            try:
+                out = self._schedule().eval(ids, mask, target=ids if labels is None else labels, losses=losses)
+            finally:
+                self.loss_fn.skip = False
             logits = out if holds_loss else None
             if holds_loss and labels is not None:
                 total += torch.stack([x.float() for x in losses]).sum()

@@ -245,6 +245,8 @@ class Planner:
             inflight = inflight_per_chunk(cand.schedule, cand.pp, cand.virtual_stages, cand.num_microbatches)
             capacity = self.cluster.device.memory_bytes - self._reserve() - max(b * c.work_bytes for c in t.costs)
             capacity /= cand.virtual_stages  # each of a rank's v chunks gets an equal share: safe
+            if capacity <= 0:  # the reserve and one layer's work space alone overflow: nothing fits
+                return self._split(cand, "chunk")
             problem = SplitProblem(
                 time_s=t.split_time_s, weight_bytes=tuple(c.params * (wg + opt) for c in t.costs),
                 act_bytes=tuple(b * c.act_bytes for c in t.costs), num_devices=chunks, virtual_stages=1,

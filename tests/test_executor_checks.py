@@ -1,0 +1,122 @@
+"""The executor's other promises: per-rank shares, evaluation, the data-parallel
+fallback, and bad input failing fast with the value, the constraint and the fix."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+
+import pytest
+
+from tests.launch import check, python, torchrun
+
+SHARE_LAYOUTS = ["tp=2 pp=2", "dp=2 pp=2", "dp=2 tp=2"]
+
+
+@pytest.mark.slow
+def test_each_rank_holds_its_planned_share(tmp_path):
+    """Parameters, gradients and AdamW state per rank, counted after a step, against the plan."""
+    check(torchrun(4, "checks_worker.py", str(tmp_path), "share", *SHARE_LAYOUTS))
+    for layout in SHARE_LAYOUTS:
+        files = sorted(tmp_path.glob(f"share_{layout.replace(' ', '_')}.rank*.json"))
+        assert len(files) == 4
+        for model in ("gpt2", "llama"):
+            groups = defaultdict(list)  # (pp, tp) coordinate -> its data-parallel ranks
+            for f in files:
+                r = json.loads(f.read_text())[model]
+                assert r["grads"] == r["params"], (layout, model, r)
+                assert r["optimizer"] == 2 * r["params"], (layout, model, r)  # exp_avg + exp_avg_sq
+                groups[r["pp_rank"], r["tp_rank"]].append(r)
+            for ranks in groups.values():
+                planned = ranks[0]["planned"]  # one TP shard of the pipeline rank's layers
+                assert sum(r["params"] for r in ranks) == planned, (layout, model, ranks)
+                assert all(r["params"] <= planned / r["dp"] * 1.05 for r in ranks), (layout, model, ranks)
+
+
+@pytest.mark.slow
+def test_evaluation_returns_the_global_logits_on_every_rank(tmp_path):
+    check(torchrun(2, "checks_worker.py", str(tmp_path), "eval", "pp=2", "dp=2", "tp=2"))
+    for rank in (0, 1):
+        for key, r in json.loads((tmp_path / f"eval.rank{rank}.json").read_text()).items():
+            assert r["logits_max_diff"] <= 1e-5, (key, r)
+            assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * r["ref_loss"], (key, r)
+            assert r["grads_left"] == 0, key  # no_grad / no labels: nothing accumulated
+
+
+@pytest.mark.slow
+def test_unsplittable_architecture_falls_back_to_fsdp(tmp_path):
+    check(python("checks_worker.py", str(tmp_path), "fallback"))
+    proc = check(torchrun(2, "checks_worker.py", str(tmp_path), "fallback"))
+    single = json.loads((tmp_path / "fallback.single.json").read_text())
+    rank0 = json.loads((tmp_path / "fallback.rank0.json").read_text())
+    assert rank0["plan"].startswith("dp2 tp1 pp1")
+    assert any("'gpt_neox' has no autopar split adapter" in w and "FSDP2" in w for w in rank0["warnings"])
+    for got, want in zip(rank0["losses"], single["losses"], strict=True):
+        assert abs(got - want) <= 1e-5 * want
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,message", [
+    ("version", "rank 1 differs from rank 0 in autopar: '0.0.0-other' != "),
+    ("options", "rank 1 differs from rank 0 in options"),
+])
+def test_ranks_that_disagree_fail_fast(tmp_path, kind, message):
+    start = time.perf_counter()
+    proc = torchrun(2, "checks_worker.py", str(tmp_path), kind, timeout=180)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert elapsed < 120, elapsed  # imports and start-up; the check itself is one all_gather
+
+
+def test_no_plan_fits_fails_before_allocating(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    import autopar
+    from autopar.errors import AutoparError
+
+    built = []
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "__init__",
+                        lambda self, *a, **k: built.append(1) or (_ for _ in ()).throw(AssertionError("built")))
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps({"device": {"name": "tiny", "peak_tflops": 1, "memory_gib": 2},
+                                "gpus_per_node": 1, "intra_node_GBps": 10, "inter_node_GBps": 1}))
+    autopar.enable_advanced_parallelization(cluster=str(tiny), global_batch_size=8, seq_len=1024)
+    try:
+        with pytest.raises(AutoparError, match=r"fits no layout of 1 x tiny.*use at least \d+ GPUs"):
+            transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config())
+        with pytest.raises(AutoparError, match="tp"):
+            autopar.enable_advanced_parallelization(tp=2, global_batch_size=8, seq_len=16)
+            transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4))
+    finally:
+        autopar.disable_advanced_parallelization()
+    assert built == []
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"tp": 0}, "autopar option tp=0: must be a positive integer"),
+    ({"schedule": "zigzag"}, "autopar option schedule='zigzag': use one of gpipe, 1f1b, interleaved_1f1b"),
+    ({"memory_headroom": 1.5}, r"memory_headroom=1.5: use a fraction in \[0, 1\)"),
+    ({"tensor_parallel": 2}, "unknown autopar option"),
+])
+def test_bad_options_are_refused_at_the_one_line(options, message):
+    import autopar
+    from autopar.errors import AutoparError
+
+    pytest.importorskip("transformers")
+    with pytest.raises(AutoparError, match=message):
+        autopar.enable_advanced_parallelization(**options)
+    autopar.disable_advanced_parallelization()
+
+
+def test_options_from_the_environment(monkeypatch):
+    from autopar.errors import AutoparError
+    from autopar.execute.options import ParallelOptions
+
+    monkeypatch.setenv("AUTOPAR_OPTIONS", '{"tp": 2, "schedule": "gpipe"}')
+    opts = ParallelOptions.from_kwargs({"tp": 4, "global_batch_size": 8})
+    assert (opts.tp, opts.schedule, opts.global_batch_size) == (2, "gpipe", 8)
+    monkeypatch.setenv("AUTOPAR_OPTIONS", "tp=2")
+    with pytest.raises(AutoparError, match="AUTOPAR_OPTIONS='tp=2' is not JSON"):
+        ParallelOptions.from_kwargs({})
