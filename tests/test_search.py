@@ -146,3 +146,18 @@ def test_search_counts_add_up():
     profile = profile_analytic(load_arch("gpt2-xl"), seq_len=1024)
     result = search(profile, PRESETS["a100-80gb"].with_gpus(8), global_batch_size=32, alternatives=False)
     assert result.evaluated + result.pruned_by_bound + result.pruned_by_memory == result.candidates
+
+
+def test_tp_must_divide_the_mlp_width():
+    """A TP degree that would split the MLP unevenly is neither searched nor accepted as a pin."""
+    from autopar.plan.space import tp_options
+    from autopar.profile.analytic import profile_analytic
+    from autopar.profile.config import arch_from_dict
+
+    arch = arch_from_dict("odd-mlp", {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 4, "n_inner": 110,
+                                      "vocab_size": 96, "n_positions": 32})
+    profile = profile_analytic(arch, seq_len=16)
+    cluster = PRESETS["a100-80gb"].with_gpus(4)
+    assert tp_options(profile, cluster, 4, Pins()) == [1, 2]
+    with pytest.raises(AutoparError, match="--tp 4 does not divide .* MLP width 110; use one of \\[1, 2\\]"):
+        tp_options(profile, cluster, 4, Pins(tp=4))

@@ -50,15 +50,19 @@ def divisors(n: int) -> list[int]:
 
 def tp_options(profile: ModelProfile, cluster: ClusterSpec, world: int, pins: Pins) -> list[int]:
     """TP degrees the search tries: inside a node unless pinned or allowed across nodes."""
-    heads, kv = profile.num_attention_heads, profile.num_key_value_heads
+    heads, kv, ffn = profile.num_attention_heads, profile.num_key_value_heads, profile.ffn_hidden_size
+
+    def divides(t: int) -> bool:  # whole heads and an even MLP split on every rank
+        return heads % t == 0 and kv % t == 0 and (ffn == 0 or ffn % t == 0)
+
     if pins.tp is not None:
-        if heads % pins.tp or kv % pins.tp:
+        if not divides(pins.tp):
             raise AutoparError(
-                f"--tp {pins.tp} does not divide the model's {heads} attention heads and {kv} "
-                f"key/value heads; use one of {[t for t in divisors(kv) if heads % t == 0]}")
+                f"--tp {pins.tp} does not divide the model's {heads} attention heads, {kv} key/value heads "
+                f"and MLP width {ffn}; use one of {[t for t in divisors(kv) if divides(t)]}")
         return [pins.tp]
     limit = world if pins.tp_inter_node else min(world, cluster.gpus_per_node)
-    return [t for t in divisors(limit) if world % t == 0 and heads % t == 0 and kv % t == 0]
+    return [t for t in divisors(limit) if world % t == 0 and divides(t)]
 
 
 def _schedules(pp: int, m: int, num_layers: int, num_blocks: int, pins: Pins) -> list[tuple[Schedule, int]]:

@@ -374,6 +374,6 @@ def profile_analytic(arch: ArchConfig, *, seq_len: int, dtype_bytes: int = 2,
         name=arch.name, architecture=arch.architecture, seq_len=s, hidden_size=h,
         num_layers=arch.num_layers, num_attention_heads=arch.num_attention_heads,
         num_key_value_heads=arch.num_key_value_heads, vocab_size=V, dtype_bytes=e,
-        layers=(embedding, blocks, final_norm, head), source="analytic",
+        layers=(embedding, blocks, final_norm, head), source="analytic", ffn_hidden_size=arch.ffn_hidden_size,
         notes=(f"attention={attention}", f"kernels={device_type}"),
     )

@@ -113,6 +113,8 @@ class ModelProfile:
     dtype_bytes: int
     """Bytes per element of parameters and activations in the compute dtype."""
     layers: tuple[LayerProfile, ...]
+    ffn_hidden_size: int = 0
+    """MLP width (TP must divide it as it divides the heads); 0 if unknown."""
     source: str = "analytic"
     """How it was obtained: ``analytic``, ``meta`` or ``measured``."""
     notes: tuple[str, ...] = field(default_factory=tuple)
