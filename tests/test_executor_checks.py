@@ -120,3 +120,27 @@ def test_options_from_the_environment(monkeypatch):
     monkeypatch.setenv("AUTOPAR_OPTIONS", "tp=2")
     with pytest.raises(AutoparError, match="AUTOPAR_OPTIONS='tp=2' is not JSON"):
         ParallelOptions.from_kwargs({})
+
+
+def test_parallelize_a_model_in_memory_matches_it():
+    """The explicit API on one process (micro-batches of 2): the same losses as the model it was given."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    import autopar
+    from tests.workers.parity_worker import batches, config
+
+    torch.manual_seed(0)
+    plain = transformers.AutoModelForCausalLM.from_config(config("llama"))
+    model = autopar.parallelize(plain, global_batch_size=8, seq_len=16, micro_batch_size=2, log_every=0)
+    assert model is not plain and model._autopar.num_microbatches == 4
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (plain, model)]
+    for ids, mask, labels in batches()[:3]:
+        losses = []
+        for m, opt in zip((plain, model), opts, strict=True):
+            loss = m(ids, attention_mask=mask, labels=labels, use_cache=False)[0]
+            loss.backward()
+            opt.step()
+            m.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) <= 1e-5 * losses[0], losses
