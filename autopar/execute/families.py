@@ -19,6 +19,7 @@ Anything else runs data-parallel only (see :func:`family_of`).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -36,11 +37,18 @@ def family_of(config) -> str | None:
     return SPLITTABLE.get(getattr(config, "model_type", None))
 
 
+@functools.cache
+def _mask_params() -> frozenset[str]:
+    from transformers.masking_utils import create_causal_mask
+
+    return frozenset(inspect.signature(create_causal_mask).parameters)
+
+
 def _causal_mask(config, hidden: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor):
     """transformers' own 4D mask for this micro-batch, as the model's forward builds it."""
     from transformers.masking_utils import create_causal_mask
 
-    params = inspect.signature(create_causal_mask).parameters
+    params = _mask_params()
     cache_kw = "cache" if "cache" in params else "past_key_values"
     kwargs = {"config": config, "inputs_embeds": hidden, "attention_mask": mask, cache_kw: None,
               "position_ids": position_ids}

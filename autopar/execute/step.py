@@ -38,6 +38,19 @@ IGNORE_INDEX = -100
 log = logging.getLogger("autopar")
 
 
+def _no_outputs() -> dict:
+    """``return_outputs=False`` where the installed torch's schedules take it."""
+    import inspect
+
+    from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+
+    return {"return_outputs": False} if "return_outputs" in inspect.signature(PipelineScheduleSingle.step).parameters \
+        else {}
+
+
+_NO_OUTPUTS = _no_outputs()
+
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum over real tokens of next-token cross entropy, as transformers' ForCausalLMLoss computes it."""
     vocab = logits.shape[-1]
@@ -102,24 +115,23 @@ class ParallelRuntime:
 
     # --- the batch ------------------------------------------------------------------------
     def _agree_batch(self, ids, mask, labels):
-        """Rank 0's batch on every rank (documented: rank 0's batch is the truth)."""
+        """Rank 0's batch on every rank (documented: rank 0's batch is the truth): two broadcasts,
+        the shape and then ids, mask and labels packed in one tensor."""
         if not (self.rt.distributed and self.options.check_batch):
             return ids, mask, labels
         dev = self.rt.device
         head = torch.tensor([*ids.shape, mask is not None, labels is not None], dtype=torch.long, device=dev)
         dist.broadcast(head, src=0)
         shape = tuple(int(x) for x in head[:2])
-        out = []
-        for t, present in ((ids, True), (mask, bool(head[2])), (labels, bool(head[3]))):
-            if not present:
-                out.append(None)
-                continue
-            if t is None or tuple(t.shape) != shape:
-                t = torch.empty(shape, dtype=torch.long, device=dev)
-            t = t.to(device=dev).contiguous()
-            dist.broadcast(t, src=0)
-            out.append(t)
-        return tuple(out)
+        present = (True, bool(head[2]), bool(head[3]))
+        if self.rt.rank == 0:
+            packed = torch.stack([t.to(device=dev, dtype=torch.long) for t, p in zip((ids, mask, labels), present)
+                                  if p])
+        else:
+            packed = torch.empty((sum(present), *shape), dtype=torch.long, device=dev)
+        dist.broadcast(packed, src=0)
+        parts = iter(packed.unbind(0))
+        return tuple(next(parts) if p else None for p in present)
 
     def _refine(self, batch: int, seq: int) -> None:
         """Fit micro-batching to the real batch; the layout itself never changes after construction."""
@@ -225,7 +237,9 @@ class ParallelRuntime:
                 total += loss.detach()
         else:
             losses: list = []
-            self._schedule().step(ids, mask, target=labels, losses=losses)
+            # return_outputs=False: the last stage would otherwise keep and concatenate every micro-batch's
+            # logits until the next step (micro-batches x tokens x vocab)
+            self._schedule().step(ids, mask, target=labels, losses=losses, **_NO_OUTPUTS)
             if holds_loss:
                 total += torch.stack([x.detach().float() for x in losses]).sum()
         self._sync_tied_grads()
