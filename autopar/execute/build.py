@@ -114,7 +114,7 @@ def apply_tp(model: nn.Module, family: Family, layout: Layout, converted: set[st
         family.prepare_block_for_tp(block, tp)
         prefix = f"{family.block_name(int(key))}."
         converted.update(prefix + n for n in before)
-        parallelize_module(block, tp_mesh, family.block_tp_plan())
+        parallelize_module(block, tp_mesh, family.block_tp_plan(model.config))
     tied = model.lm_head is not None and getattr(model.config, "tie_word_embeddings", False)
     emb = base.wte if family.name == "gpt2" else base.embed_tokens
     if emb is not None:

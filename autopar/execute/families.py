@@ -113,10 +113,21 @@ class Family:
         return base.ln_f if self.name == "gpt2" else base.norm
 
     # --- tensor parallelism --------------------------------------------------------------
-    def block_tp_plan(self) -> dict:
-        """DTensor styles by module name inside one block (Shoeybi et al. 2019, §3)."""
+    def block_tp_plan(self, config=None) -> dict:
+        """DTensor styles by module name inside one block (Shoeybi et al. 2019, §3).
+
+        transformers' ``config.base_model_tp_plan`` is used where it exists and
+        speaks only plain ``colwise`` / ``rowwise`` for the blocks (Llama,
+        Mistral, Qwen2); otherwise (GPT-2 has none) autopar's own plan.
+        """
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
+        styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+        prefix = f"{self.blocks_attr}.*."
+        hf = {k[len(prefix):]: v for k, v in (getattr(config, "base_model_tp_plan", None) or {}).items()
+              if k.startswith(prefix)}
+        if hf and all(v in styles for v in hf.values()):
+            return {name: styles[style]() for name, style in hf.items()}
         if self.name == "gpt2":
             return {"attn.c_attn": ColwiseParallel(), "attn.c_proj": RowwiseParallel(),
                     "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel()}
