@@ -179,6 +179,10 @@ def fill_from(model: nn.Module, family: Family | None, source, tp: int, converte
 
     from autopar.execute import weights
 
+    unknown = [n for n, _ in model.named_buffers() if ".rotary_emb." not in n]
+    if unknown:  # to_empty leaves buffers uninitialised; only the rotary tables are rebuilt below
+        raise AutoparError(f"buffers {unknown} of {type(model).__name__} are not in the checkpoint and autopar "
+                           "cannot rebuild them; this architecture needs an adapter (docs/executor.md)")
     owners: dict[int, tuple[nn.Module, str]] = {}
     shared = []
     for module in model.modules():
@@ -214,7 +218,3 @@ def fill_from(model: nn.Module, family: Family | None, source, tp: int, converte
         base = getattr(model, family.base)
         fresh = type(base.rotary_emb)(config=model.config)
         base.rotary_emb = fresh.to(device)
-    for name, buf in model.named_buffers():
-        if buf.device.type == "meta":
-            raise AutoparError(f"buffer {name!r} of {type(model).__name__} cannot be materialised from the "
-                               "checkpoint; this architecture needs an adapter (docs/executor.md)")
