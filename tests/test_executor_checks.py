@@ -68,7 +68,7 @@ def test_ranks_that_disagree_fail_fast(tmp_path, kind, message):
     elapsed = time.perf_counter() - start
     assert proc.returncode != 0
     assert message in proc.stderr
-    assert elapsed < 120, elapsed  # imports and start-up; the check itself is one all_gather
+    assert elapsed < 60, elapsed  # 8-9 s measured: torchrun, imports; the check itself is one all_gather
 
 
 def test_no_plan_fits_fails_before_allocating(tmp_path, monkeypatch):
