@@ -80,15 +80,14 @@ class Family:
         return self.names[1].format(index)
 
     # --- running a stage -------------------------------------------------------------
-    def embed(self, model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token (and position) embeddings of a micro-batch; returns (hidden, position_ids)."""
+    def embed(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token (and, for GPT-2, learned position) embeddings of a micro-batch."""
         base = getattr(model, self.base)
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         if self.name == "gpt2":
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
             hidden = base.wte(input_ids)
-            hidden = hidden + base.wpe(position_ids).to(hidden.device)
-            return base.drop(hidden), position_ids
-        return base.embed_tokens(input_ids), position_ids
+            return base.drop(hidden + base.wpe(position_ids).to(hidden.device))
+        return base.embed_tokens(input_ids)
 
     def block_context(self, model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> dict:
         """What every block of a stage needs besides the hidden states (mask, positions, rotary)."""

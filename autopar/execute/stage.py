@@ -44,10 +44,7 @@ class StageModule(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor):
         family: Family = self._family
-        if self.is_first:
-            hidden, _ = family.embed(self._model, x)
-        else:
-            hidden = x
+        hidden = family.embed(self._model, x) if self.is_first else x
         keep = mask.to(torch.long)  # the dtype a user passes: transformers builds the same mask
         if len(self.blocks):
             ctx = family.block_context(self._model, hidden, keep)
