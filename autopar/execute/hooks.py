@@ -104,7 +104,9 @@ def _from_config(cls, original, config, **kwargs):
         config._attn_implementation = kwargs["attn_implementation"]
     import torch
 
-    dtype = kwargs.get("dtype", kwargs.get("torch_dtype")) or torch.get_default_dtype()
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    dtype = dtype if isinstance(dtype, torch.dtype) else torch.get_default_dtype()  # as from_config does
 
     def source(needs_whole: bool):
         with building():
