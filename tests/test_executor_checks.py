@@ -11,7 +11,7 @@ import pytest
 
 from tests.launch import check, python, torchrun
 
-SHARE_LAYOUTS = ["tp=2 pp=2", "dp=2 pp=2", "dp=2 tp=2"]
+SHARE_LAYOUTS = ["tp=2 pp=2", "tp=2 pp=2 schedule=1f1b recompute=selective", "dp=2 pp=2", "dp=2 tp=2"]
 
 
 @pytest.mark.slow

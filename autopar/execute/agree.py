@@ -69,6 +69,10 @@ def agree_on_plan(make_plan: Callable[[], Plan], *, options_json: str, config_js
     return plan
 
 
+def config_dict(config) -> dict:
+    """A transformers config's own fields (without its private ``_`` entries)."""
+    return {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+
+
 def config_json(config) -> str:
-    data = config.to_dict()
-    return json.dumps({k: v for k, v in data.items() if not k.startswith("_")}, sort_keys=True, default=str)
+    return json.dumps(config_dict(config), sort_keys=True, default=str)

@@ -125,19 +125,14 @@ def apply_tp(model: nn.Module, family: Family, layout: Layout, converted: set[st
             model.lm_head.weight = emb.weight  # both Shard(0) over the vocabulary: one parameter again
 
 
-def _grad_as_param(param) -> None:
-    """A vocab-parallel embedding's gradient comes back replicated (the whole table on every TP rank):
-    keep only this rank's rows, as the parameter holds them."""
-    if param.grad is not None and param.grad.placements != param.placements:
-        param.grad = param.grad.redistribute(placements=param.placements)
-
-
-def keep_grads_sharded(model: nn.Module, family: Family, layout: Layout) -> None:
-    """Hook the vocab-parallel embedding (after allocation: ``to_empty`` makes new parameters).
-    Under FSDP2 (dp > 1) its reduce-scatter already leaves only the shard."""
+def replicated_grad_params(model: nn.Module, family: Family, layout: Layout) -> list[nn.Parameter]:
+    """Parameters whose gradient DTensor returns replicated though the parameter is sharded: the
+    vocab-parallel embedding (the whole table's gradient on every TP rank). The step cuts them back to
+    the rank's rows (``ParallelRuntime._shard_grads``); under FSDP2 (dp > 1) its reduce-scatter does."""
     emb = getattr(getattr(model, family.base), "wte" if family.name == "gpt2" else "embed_tokens")
     if layout.plan.tp > 1 and layout.plan.dp == 1 and emb is not None:
-        emb.weight.register_post_accumulate_grad_hook(_grad_as_param)
+        return [emb.weight]
+    return []
 
 
 def apply_recompute(model: nn.Module, family: Family, recompute: Recompute) -> None:

@@ -36,15 +36,14 @@ def _is_causal_lm(cls) -> bool:
     return name.endswith(("ForCausalLM", "LMHeadModel"))
 
 
-def _dtype(kwargs: dict, config):
+def _dtype(kwargs: dict, default):
+    """The ``dtype`` (or ``torch_dtype``) argument as a torch dtype; ``default`` when absent or "auto"."""
     import torch
 
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
     if dtype in (None, "auto"):
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    return dtype or torch.float32
+        dtype = default
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def _check_kwargs(kwargs: dict, where: str) -> None:
@@ -77,7 +76,10 @@ def _from_pretrained(cls, original, path, *args, **kwargs):
                                                                          "local_files_only")})
     if kwargs.get("attn_implementation"):
         config._attn_implementation = kwargs["attn_implementation"]
-    dtype = _dtype(kwargs, config)
+    import torch
+
+    dtype = _dtype(kwargs, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+                   or torch.float32)  # transformers 5 loads in the checkpoint's dtype
     folder = find_safetensors(path)
 
     def source(needs_whole: bool):
@@ -104,9 +106,7 @@ def _from_config(cls, original, config, **kwargs):
         config._attn_implementation = kwargs["attn_implementation"]
     import torch
 
-    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
-    dtype = dtype if isinstance(dtype, torch.dtype) else torch.get_default_dtype()  # as from_config does
+    dtype = _dtype(kwargs, torch.get_default_dtype())  # from_config ignores the config's dtype
 
     def source(needs_whole: bool):
         with building():

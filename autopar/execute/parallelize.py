@@ -19,15 +19,15 @@ import torch.distributed as dist
 from torch import nn
 
 from autopar.errors import AutoparError, UnsupportedModelError
-from autopar.execute.agree import agree_on_plan, config_json
+from autopar.execute.agree import agree_on_plan, config_dict, config_json
 from autopar.execute.build import (
     apply_fsdp,
     apply_recompute,
     apply_tp,
     cut_to_rank,
     fill_from,
-    keep_grads_sharded,
     make_layout,
+    replicated_grad_params,
     sum_gradients,
 )
 from autopar.execute.families import SPLITTABLE, Family, family_of
@@ -40,7 +40,6 @@ from autopar.execute.runtime import (
 )
 from autopar.execute.stage import StageModule
 from autopar.execute.step import ParallelRuntime
-from autopar.execute.weights import StateDictSource
 from autopar.plan.types import Plan, Schedule
 from autopar.profile.types import Recompute
 
@@ -97,9 +96,8 @@ def profile_config(config, rt: Runtime, options: ParallelOptions, dtype: torch.d
     from autopar.profile.config import arch_from_dict
 
     name = getattr(config, "_name_or_path", "") or config.model_type
-    raw = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
     try:
-        arch = arch_from_dict(name, raw)
+        arch = arch_from_dict(name, config_dict(config))
     except UnsupportedModelError:
         return None, options.seq_len or DEFAULT_SEQ_LEN
     seq = options.seq_len or min(DEFAULT_SEQ_LEN, arch.max_position_embeddings)
@@ -250,12 +248,12 @@ def build_parallel(model_cls, config, source, rt: Runtime, options: ParallelOpti
         if plan.dp > 1:
             apply_fsdp(list(stages.values()), layout)
         fill_from(model, family, source, plan.tp, converted, rt.device)
-        keep_grads_sharded(model, family, layout)
     model.train(training)
     tie_group, tied_param = _tie_group(model, family, layout, rt) if family else (None, None)
     runtime = ParallelRuntime(model=model, family=family, plan=plan, layout=layout, rt=rt, stages=stages,
                               options=options, model_flops_per_token=planned.flops_per_token,
-                              tie_group=tie_group, tied_param=tied_param, converted=frozenset(converted))
+                              tie_group=tie_group, tied_param=tied_param, converted=frozenset(converted),
+                              shard_grads=replicated_grad_params(model, family, layout) if family else [])
     object.__setattr__(model, "_autopar", runtime)
     model.forward = runtime.forward
     return model
@@ -282,9 +280,9 @@ def parallelize(model: nn.Module, **options) -> nn.Module:
         raise AutoparError("autopar.parallelize got a model on the meta device; build it for real, or load it "
                            "with from_pretrained under autopar.enable_advanced_parallelization()")
     dtype = next(model.parameters()).dtype
-    from autopar.execute.weights import tied_aliases
+    from autopar.execute import weights
 
     def source(needs_whole: bool):
-        return StateDictSource(model.state_dict(), tied_aliases(type(model), model.config)), model
+        return weights.StateDictSource(model.state_dict(), weights.tied_aliases(type(model), model.config)), model
 
     return parallelize_config(type(model), model.config, source, opts, dtype=dtype, training=model.training)

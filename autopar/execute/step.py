@@ -91,7 +91,7 @@ class ParallelRuntime:
 
     def __init__(self, *, model, family, plan: Plan, layout: Layout, rt: Runtime, stages: dict,
                  options, model_flops_per_token: float, tie_group=None, tied_param=None,
-                 converted: frozenset = frozenset()):
+                 converted: frozenset = frozenset(), shard_grads: list | None = None):
         self.model = model
         self.family = family
         self.plan = plan
@@ -103,6 +103,8 @@ class ParallelRuntime:
         self.tie_group = tie_group
         self.tied_param = tied_param
         self.converted = converted
+        self.shard_grads = shard_grads or []
+        """Parameters whose gradient arrives replicated and is cut to the parameter's shard after backward."""
         """Modules (GPT-2 Conv1D) run as nn.Linear under TP: their tensors are stored transposed."""
         self.loss_fn = LossFn()
         self._schedules: dict[int, object] = {}
@@ -242,8 +244,16 @@ class ParallelRuntime:
             self._schedule().step(ids, mask, target=labels, losses=losses, **_NO_OUTPUTS)
             if holds_loss:
                 total += torch.stack([x.detach().float() for x in losses]).sum()
+        self._shard_grads()
         self._sync_tied_grads()
         return self._global_loss(total, holds_loss)
+
+    def _shard_grads(self) -> None:
+        """Keep only this rank's rows of a gradient DTensor returned replicated (a local slice, no
+        communication); done after the whole backward, whichever way the schedule accumulated it."""
+        for param in self.shard_grads:
+            if param.grad is not None and param.grad.placements != param.placements:
+                param.grad = param.grad.redistribute(placements=param.placements)
 
     def _global_loss(self, local: torch.Tensor, holds_loss: bool) -> torch.Tensor:
         """Sum of every piece's share over the data-parallel ranks, once per (dp) slice, on every rank."""
@@ -260,10 +270,7 @@ class ParallelRuntime:
         param = self.tied_param
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-        grad = param.grad
-        if hasattr(grad, "placements") and grad.placements != param.placements:
-            # a vocab-parallel embedding's gradient comes back replicated; shard it as its parameter
-            grad = param.grad = grad.redistribute(placements=param.placements)
+        grad = param.grad  # sharded as the parameter (_shard_grads, or FSDP2)
         local = grad.to_local() if hasattr(grad, "to_local") else grad
         dist.all_reduce(local, group=self.tie_group)
 
