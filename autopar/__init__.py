@@ -17,7 +17,8 @@ def enable_advanced_parallelization(**options) -> None:
     Options (all optional): ``global_batch_size``, ``seq_len`` (hints), ``dp``,
     ``tp``, ``pp``, ``micro_batch_size``, ``virtual_stages``, ``schedule``,
     ``recompute``, ``zero_stage`` (pins), ``memory_headroom``, ``cluster``,
-    ``log_every``, ``check_batch``.
+    ``log_every``, ``data`` (``auto``/``global``/``sharded``), ``check_batch``,
+    ``loss_fn`` (the user's summed loss, run on the last pipeline stage).
     """
     from autopar.execute.hooks import enable
 

@@ -91,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="timed steps (default by layout, about 3 minutes a run on 2 cores: "
                         + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
     p.add_argument("--no-check-batch", action="store_true",
-                   help="autopar check_batch=False (skip the broadcast of rank 0's batch every step)")
+                   help="autopar check_batch=False (skip the batch agreement: one all-gather of a fingerprint per step)")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile 2 more steps of each variant (torch.profiler; ranks 0, 1 print)")
     p.add_argument("--json", action="store_true", help="print the JSON record instead of the table")

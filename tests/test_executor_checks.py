@@ -4,6 +4,7 @@ fallback, and bad input failing fast with the value, the constraint and the fix.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import defaultdict
 
@@ -55,6 +56,33 @@ def test_unsplittable_architecture_falls_back_to_fsdp(tmp_path):
     for got, want in zip(rank0["losses"], single["losses"], strict=True):
         assert abs(got - want) <= 1e-5 * want
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_habits_work_or_fail_in_one_line_on_every_rank(tmp_path):
+    """Different batches on each rank (no rank-aware loader), logits without labels under pp, checkpointing
+    not planned, a dtype change: the same one-line error on every rank, at once; torch.compile runs eagerly."""
+    check(torchrun(2, "checks_worker.py", str(tmp_path), "habits", timeout=240))
+    expected = {
+        "different_batches": r"ranks passed different batches \(same shape 8x16, other tokens on rank 1\).*"
+                             r"DistributedSampler or pass enable_advanced_parallelization\(data='sharded'\)",
+        "checkpointing": r"recompute=none\); pass enable_advanced_parallelization\(recompute='full'\)",
+        "to_bf16": r"model.to\(torch.bfloat16\) on a model autopar built in torch.float32",
+    }
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"habits.rank{rank}.json").read_text())
+        for layout, checks in result.items():
+            for key, pattern in expected.items():
+                assert checks[key]["error"] and re.search(pattern, checks[key]["error"]), (layout, key, checks[key])
+                assert checks[key]["seconds"] < 10, (layout, key, checks[key])
+            if layout == "pp=2":
+                assert "loss_fn=f" in checks["own_loss"]["error"] and "torch.no_grad()" in checks["own_loss"]["error"]
+            else:
+                assert checks["own_loss"]["error"] is None  # logits with a graph, without pipeline parallelism
+            compiled = checks["compile"]
+            assert abs(compiled["loss"] - compiled["eager_loss"]) <= 1e-6 * compiled["eager_loss"]
+            if rank == 0:
+                assert any("torch.compile(model) runs autopar's step eagerly" in w for w in compiled["warnings"])
 
 
 @pytest.mark.slow

@@ -9,13 +9,8 @@ torch = pytest.importorskip("torch")
 from autopar.errors import AutoparError
 from autopar.execute.options import ParallelOptions
 from autopar.execute.runtime import Runtime
-from autopar.execute.step import (
-    LossFn,
-    ParallelRuntime,
-    _micro_batching,
-    real_tokens,
-    token_loss_sum,
-)
+from autopar.execute.semantics import StepLoss, token_loss_sum
+from autopar.execute.step import ParallelRuntime, _micro_batching, padded_rows
 from autopar.plan.types import Plan, Schedule
 from autopar.profile.types import Recompute
 
@@ -41,12 +36,12 @@ def test_pieces_sum_to_the_single_device_mean():
 
     logits, labels = _padded()
     want = ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1])
-    fn = LossFn()
-    fn.n_tokens = real_tokens(labels)
+    fn = StepLoss()
+    fn.n_tokens = fn.count(labels)
     for pieces in (1, 2, 4, 8):
         got = sum(fn(lg, lb) for lg, lb in zip(logits.chunk(pieces), labels.chunk(pieces), strict=True))
         assert torch.allclose(got, want, rtol=1e-6), (pieces, got, want)
-    per_piece_mean = sum(token_loss_sum(lg, lb) / real_tokens(lb)
+    per_piece_mean = sum(token_loss_sum(lg, lb) / fn.count(lb)
                          for lg, lb in zip(logits.chunk(4), labels.chunk(4), strict=True)) / 4
     assert not torch.allclose(per_piece_mean, want, rtol=1e-4)  # the naive mean is wrong with padding
 
@@ -68,13 +63,14 @@ def _runtime(plan: Plan) -> ParallelRuntime:
                            options=ParallelOptions(), model_flops_per_token=0.0)
 
 
-def test_a_batch_the_layout_cannot_take_says_which_hint_to_pass():
-    with pytest.raises(AutoparError, match=r"global batch of 6 sequences does not divide over the plan's dp=4.*"
-                                           r"global_batch_size=6"):
-        _runtime(_plan(dp=4))._refine(6, 16)
-    with pytest.raises(AutoparError, match=r"gives 1 micro-batch\(es\) per pipeline; the 1f1b schedule over pp=2 "
-                                           r"needs at least 2"):
-        _runtime(_plan(pp=2, mb=1, m=2))._refine(1, 16)
+def test_a_batch_the_layout_cannot_split_is_padded_with_rows_that_count_nothing():
+    """A smaller last batch trains as one device would: padded rows (labels -100) add no loss or gradient."""
+    with pytest.warns(UserWarning, match=r"global batch of 6 sequences does not split over dp=4; .* padded with 2 "
+                                         r"row\(s\).*global_batch_size=6"):
+        assert _runtime(_plan(dp=4))._refine(6, 16) == 2
+    with pytest.warns(UserWarning, match=r"x at least pp=2 micro-batches.*padded with 1 row"):
+        assert _runtime(_plan(pp=2, mb=1, m=2))._refine(1, 16) == 1
+    assert [padded_rows(_plan(dp=2, pp=2), n) for n in (1, 3, 4, 5)] == [4, 4, 4, 6]
     runtime = _runtime(_plan(dp=2, mb=2, m=2))
     runtime._refine(12, 16)
     assert (runtime.micro_batch_size, runtime.num_microbatches) == (2, 3)

@@ -162,16 +162,41 @@ def sum_gradients(module) -> None:
     module.set_force_sum_reduction_for_comms(True)
 
 
+def _fill_param(name: str, param, source, family: Family | None, tp: int, converted: set[str],
+                device: torch.device) -> None:
+    """Copy this rank's part of checkpoint tensor ``name`` into ``param`` (boxes if it can, else whole)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from autopar.execute import weights
+
+    is_converted = name.rsplit(".", 1)[0] in converted
+    if hasattr(source, "read") and hasattr(source, "info"):
+        local = param.to_local() if isinstance(param, DTensor) else param.detach()
+        reads = weights.local_reads(family, name, param, local, source.info(name)[0], tp, is_converted)
+        if reads is not None:
+            for box, dest in reads:
+                source.read(name, box, dest)
+            return
+    full = source.get(name)
+    if family is not None:
+        full = family.checkpoint_transform(name, full, tp, converted=is_converted)
+    full = full.to(device=device, dtype=param.dtype)
+    if isinstance(param, DTensor):
+        param.copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None))
+    else:
+        param.copy_(full)
+
+
 def fill_from(model: nn.Module, family: Family | None, source, tp: int, converted: set[str],
               device: torch.device) -> None:
     """Allocate this rank's tensors and copy its shard of each from ``source``.
 
     Each parameter's local part is read as boxes of the stored tensor straight into the local tensor
     (:func:`autopar.execute.weights.local_reads`); a parameter whose placements or layout it cannot map
-    is read whole, transformed and cut by ``distribute_tensor`` (values are the same either way).
+    is read whole, transformed and cut by ``distribute_tensor`` (values are the same either way). A
+    streaming source (``stream()``, ``canonical(name)``: the replayed initialisation) hands each tensor
+    once, whole, and every parameter stored under that name takes its part.
     """
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     from autopar.execute import weights
 
     unknown = [n for n, _ in model.named_buffers() if ".rotary_emb." not in n]
@@ -189,26 +214,20 @@ def fill_from(model: nn.Module, family: Family | None, source, tp: int, converte
     model.to_empty(device=device)  # gives each module its own new tensor: re-tie what was shared
     for module, attr, owner, owner_attr in shared:
         setattr(module, attr, getattr(owner, owner_attr))
-    sliced = hasattr(source, "read") and hasattr(source, "info")
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            is_converted = name.rsplit(".", 1)[0] in converted
-            if sliced:
-                local = param.to_local() if isinstance(param, DTensor) else param.detach()
-                reads = weights.local_reads(family, name, param, local, source.info(name)[0], tp, is_converted)
-                if reads is not None:
-                    for box, dest in reads:
-                        source.read(name, box, dest)
-                    continue
-            full = source.get(name)
-            if family is not None:
-                full = family.checkpoint_transform(name, full, tp, converted=is_converted)
-            full = full.to(device=device, dtype=param.dtype)
-            if isinstance(param, DTensor):
-                param.copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None))
-            else:
-                param.copy_(full)
-            del full
+        if hasattr(source, "stream"):  # tensors arrive one at a time, in the source's order
+            by_name: dict[str, list[tuple[str, nn.Parameter]]] = {}
+            for name, param in model.named_parameters():
+                by_name.setdefault(source.canonical(name), []).append((name, param))
+            for stored, full in source.stream():
+                for name, param in by_name.pop(stored, []):
+                    _fill_param(name, param, weights.StateDictSource({name: full}, {}), family, tp, converted,
+                                device)
+            if by_name:
+                raise AutoparError(f"the weight source gave no tensor for {sorted(by_name)[:4]}")
+        else:
+            for name, param in model.named_parameters():
+                _fill_param(name, param, source, family, tp, converted, device)
     if family is not None and family.name == "llama":
         base = getattr(model, family.base)
         fresh = type(base.rotary_emb)(config=model.config)

@@ -109,6 +109,15 @@ def _from_config(cls, original, config, **kwargs):
     dtype = _dtype(kwargs, torch.get_default_dtype())  # from_config ignores the config's dtype
 
     def source(needs_whole: bool):
+        """Rank 0's generator state on every rank (autopar.execute.rng), then the single-device weights:
+        replayed one tensor at a time, or (no adapter: data parallel only) the whole model built."""
+        from autopar.execute.rng import adopt_rank0_state
+        from autopar.execute.weights import InitSource
+
+        adopt_rank0_state(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                          else torch.device("cpu"))
+        if not needs_whole:
+            return InitSource(cls, config, dtype, torch.get_rng_state()), None
         with building():
             whole = original(cls, config, **kwargs)
         return StateDictSource(whole.state_dict(), tied_aliases(cls, config)), whole

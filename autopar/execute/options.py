@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 from autopar.errors import AutoparError
@@ -48,7 +49,16 @@ class ParallelOptions:
     log_every: int = 10
     """Log step statistics on rank 0 every this many steps (and the first); 0 turns it off."""
     check_batch: bool = True
-    """Broadcast rank 0's batch every step (the truth when ranks pass different batches)."""
+    """Check every call that the ranks' batches form one global batch (docs/executor.md#data); False trusts
+    that every rank passes the same global batch and skips the check's one small all-gather."""
+    data: str = "auto"
+    """What a batch is: ``auto`` (the same batch on every rank is the global batch; different batches are
+    shards of it only where a rank-aware loader such as DistributedSampler is alive, else an error),
+    ``global`` (every rank must pass the same batch) or ``sharded`` (each rank's batch is its shard; the
+    shards are joined in rank order)."""
+    loss_fn: Callable | None = None
+    """``loss_fn(logits, labels) -> sum of token losses`` used instead of transformers' loss when labels are
+    passed (runs on the last pipeline stage); autopar divides by the global count of ``labels != -100``."""
 
     def __post_init__(self) -> None:
         for name in ("global_batch_size", "seq_len", "dp", "tp", "pp", "micro_batch_size", "virtual_stages"):
@@ -64,6 +74,11 @@ class ParallelOptions:
             raise AutoparError(f"autopar option zero_stage={self.zero_stage!r}: use 0, 1 or 3")
         if not isinstance(self.memory_headroom, (int, float)) or not 0 <= self.memory_headroom < 1:
             raise AutoparError(f"autopar option memory_headroom={self.memory_headroom!r}: use a fraction in [0, 1)")
+        if self.data not in ("auto", "global", "sharded"):
+            raise AutoparError(f"autopar option data={self.data!r}: use 'auto', 'global' or 'sharded'")
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise AutoparError(f"autopar option loss_fn={self.loss_fn!r} is not callable; pass a function "
+                               "f(logits, labels) returning the sum of token losses")
         if isinstance(self.log_every, bool) or not isinstance(self.log_every, int) or self.log_every < 0:
             raise AutoparError(f"autopar option log_every={self.log_every!r}: use 0 (off) or a positive integer")
 
@@ -95,4 +110,8 @@ class ParallelOptions:
                     zero_stage=self.zero_stage, sequence_parallel=False)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        """The options as JSON (every rank's must agree); a loss function by its qualified name."""
+        data = asdict(self)
+        fn = data.pop("loss_fn")
+        data["loss_fn"] = None if fn is None else f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
+        return json.dumps(data, sort_keys=True)

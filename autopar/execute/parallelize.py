@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from autopar.errors import AutoparError, UnsupportedModelError
+from autopar.execute import compat, surface
 from autopar.execute.agree import agree_on_plan, config_dict, config_json
 from autopar.execute.build import (
     apply_fsdp,
@@ -253,10 +254,39 @@ def build_parallel(model_cls, config, source, rt: Runtime, options: ParallelOpti
     runtime = ParallelRuntime(model=model, family=family, plan=plan, layout=layout, rt=rt, stages=stages,
                               options=options, model_flops_per_token=planned.flops_per_token,
                               tie_group=tie_group, tied_param=tied_param, converted=frozenset(converted),
-                              shard_grads=replicated_grad_params(model, family, layout) if family else [])
+                              shard_grads=replicated_grad_params(model, family, layout) if family else [],
+                              dropout=_dropout_stream(model, layout, rt))
+    _register_gradients(model, plan, tied_param, rt)
     object.__setattr__(model, "_autopar", runtime)
-    model.forward = runtime.forward
+    compat.present_as_distributed(model, runtime.forward)
+    surface.guard(model, rt.device, plan.recompute)
     return model
+
+
+def _dropout_stream(model: nn.Module, layout, rt: Runtime):
+    """autopar's dropout stream if the model has dropout > 0 (autopar.execute.rng, [Note: random numbers])."""
+    from autopar.execute.rng import DropoutStream, dropout_settings, shared_seed
+
+    settings = dropout_settings(model)
+    if not settings:
+        return None
+    if rt.rank == 0:
+        shown = ", ".join(f"{k}={v:g}" for k, v in sorted(settings.items())[:4])
+        warnings.warn(f"autopar: dropout is on ({shown}): masks are drawn per rank (the same on a tensor-parallel "
+                      "group's ranks), so training matches one device in distribution, not bit for bit "
+                      "(docs/executor.md#dropout)", stacklevel=5)
+    return DropoutStream(shared_seed(rt.device), layout.dp_rank, layout.pp_rank, rt.device)
+
+
+def _register_gradients(model: nn.Module, plan: Plan, tied_param, rt: Runtime) -> None:
+    """Tell autopar.execute.gradients how many ranks hold each parameter's local elements (clipping, GradScaler)."""
+    from autopar.execute import gradients
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    copies = [gradients.copies_of(p, {"dp": plan.dp, "tp": plan.tp}, tied=p is tied_param) for p in params]
+    group = dist.group.WORLD if rt.distributed else None
+    gradients.register(params, copies, group, rt.device)
+    compat.install()
 
 
 def parallelize_config(model_cls, config, source_factory, options: ParallelOptions, *, dtype: torch.dtype,

@@ -4,8 +4,9 @@ With labels and gradients enabled, one call runs the whole step's forward and
 backward: every micro-batch of this rank's slice of the global batch, through
 torch.distributed.pipelining's schedule when there is more than one pipeline
 stage. The returned loss is the single-device loss of the global batch, the
-same value on every rank; its ``backward()`` is a no-op for the model (the
-gradients are already in place), so the user's loop runs unchanged.
+same value on every rank, and its ``backward()`` puts the call's gradients,
+scaled by what reached the loss, into ``.grad`` (autopar.execute.semantics,
+[Note: deferred gradients]).
 
 Loss scaling (docs/executor.md): every micro-batch on every rank contributes
 ``sum(token losses) / (real tokens of the whole global batch)``, the
@@ -13,8 +14,11 @@ schedule's own division by the micro-batch count is off (``scale_grads=False``)
 and FSDP2 sums instead of averaging (``set_gradient_divide_factor(1)``), so the
 summed gradient is the single-device gradient, padding of any length included.
 
-Without labels (or under ``torch.no_grad()``) the call is evaluation: forward
-only, and the logits of the whole global batch are returned on every rank.
+Without labels and with gradients enabled (no pipeline parallelism), the call
+returns the global batch's logits with a live graph for the user's own loss;
+under ``torch.no_grad()`` it is evaluation: forward only, the logits of the
+whole global batch on every rank (of this rank's own rows when ranks passed
+shards).
 """
 
 from __future__ import annotations
@@ -22,59 +26,28 @@ from __future__ import annotations
 import logging
 import resource
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from autopar.errors import AutoparError
+from autopar.execute import compat
+from autopar.execute.batch import Batch, agree_batch, pad_rows, rank_aware_loader
 from autopar.execute.build import Layout
 from autopar.execute.runtime import Runtime
+from autopar.execute.semantics import (
+    PendingGrads,
+    StepLoss,
+    gather_rows,
+    loss_with_backward,
+    trainable,
+)
 from autopar.plan.types import Plan, Schedule
-
-IGNORE_INDEX = -100
-"""Label value transformers' causal-LM loss skips (padding)."""
 
 log = logging.getLogger("autopar")
 
-
-def _no_outputs() -> dict:
-    """``return_outputs=False`` where the installed torch's schedules take it."""
-    import inspect
-
-    from torch.distributed.pipelining.schedules import PipelineScheduleSingle
-
-    return {"return_outputs": False} if "return_outputs" in inspect.signature(PipelineScheduleSingle.step).parameters \
-        else {}
-
-
-_NO_OUTPUTS = _no_outputs()
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum over real tokens of next-token cross entropy, as transformers' ForCausalLMLoss computes it."""
-    vocab = logits.shape[-1]
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def real_tokens(labels: torch.Tensor) -> int:
-    """Tokens the loss counts in ``labels`` (the shifted targets that are not padding)."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
-class LossFn:
-    """The schedule's loss: one micro-batch's token-loss sum over the global token count."""
-
-    def __init__(self):
-        self.n_tokens = 1
-        self.skip = False
-        """Evaluation without labels: the schedule still calls its loss (with a placeholder target)."""
-
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.skip:
-            return logits.new_zeros(())
-        return token_loss_sum(logits, labels) / self.n_tokens
+_STEP_KWARGS = compat.schedule_step_kwargs()
 
 
 def _micro_batching(plan: Plan, per_dp: int) -> tuple[int, int]:
@@ -86,12 +59,18 @@ def _micro_batching(plan: Plan, per_dp: int) -> tuple[int, int]:
     return size, per_dp // size
 
 
+def padded_rows(plan: Plan, rows: int) -> int:
+    """The fewest rows >= ``rows`` the layout can take: a multiple of dp giving each pipeline >= pp rows."""
+    need = -(-rows // plan.dp) * plan.dp
+    return max(need, plan.dp * plan.pp) if plan.pp > 1 else need
+
+
 class ParallelRuntime:
     """State of the executed plan on this rank: stages, schedule, groups, step statistics."""
 
     def __init__(self, *, model, family, plan: Plan, layout: Layout, rt: Runtime, stages: dict,
                  options, model_flops_per_token: float, tie_group=None, tied_param=None,
-                 converted: frozenset = frozenset(), shard_grads: list | None = None):
+                 converted: frozenset = frozenset(), shard_grads: list | None = None, dropout=None):
         self.model = model
         self.family = family
         self.plan = plan
@@ -103,54 +82,65 @@ class ParallelRuntime:
         self.tie_group = tie_group
         self.tied_param = tied_param
         self.converted = converted
+        """Modules (GPT-2 Conv1D) run as nn.Linear under TP: their tensors are stored transposed."""
         self.shard_grads = shard_grads or []
         """Parameters whose gradient arrives replicated and is cut to the parameter's shard after backward."""
-        """Modules (GPT-2 Conv1D) run as nn.Linear under TP: their tensors are stored transposed."""
-        self.loss_fn = LossFn()
-        self._schedules: dict[int, object] = {}
+        self.dropout = dropout
+        """autopar.execute.rng.DropoutStream when the model has dropout > 0, else None."""
+        self.loss_fn = StepLoss(getattr(options, "loss_fn", None))
+        self._anchor = torch.zeros((), requires_grad=True)
+        self._schedules: dict[tuple[int, int, int], object] = {}
         self._shape: tuple[int, int] | None = None
         self.micro_batch_size, self.num_microbatches = plan.micro_batch_size, plan.num_microbatches
         self.steps = 0
         self._last_start: float | None = None
         self._time_since = 0.0
         self._intervals = 0
+        self._said: set[str] = set()
+        self._loader: str | None = None
+
+    def params(self) -> list[torch.nn.Parameter]:
+        """This rank's trainable parameters (read at call time: FSDP2 and loading replace objects)."""
+        return trainable(self.model.parameters())
+
+    def _once(self, key: str, message: str) -> None:
+        """Warn once per run, on rank 0."""
+        if key not in self._said and self.rt.rank == 0:
+            warnings.warn(message, stacklevel=4)
+        self._said.add(key)
 
     # --- the batch ------------------------------------------------------------------------
-    def _agree_batch(self, ids, mask, labels):
-        """Rank 0's batch on every rank (documented: rank 0's batch is the truth): two broadcasts,
-        the shape and then ids, mask and labels packed in one tensor."""
-        if not (self.rt.distributed and self.options.check_batch):
-            return ids, mask, labels
+    def _global_batch(self, ids, mask, labels) -> Batch:
+        """The call's global batch on this rank's device (autopar.execute.batch, [Note: data semantics])."""
         dev = self.rt.device
-        head = torch.tensor([*ids.shape, mask is not None, labels is not None], dtype=torch.long, device=dev)
-        dist.broadcast(head, src=0)
-        shape = tuple(int(x) for x in head[:2])
-        present = (True, bool(head[2]), bool(head[3]))
-        if self.rt.rank == 0:
-            packed = torch.stack([t.to(device=dev, dtype=torch.long) for t, p in zip((ids, mask, labels), present)
-                                  if p])
-        else:
-            packed = torch.empty((sum(present), *shape), dtype=torch.long, device=dev)
-        dist.broadcast(packed, src=0)
-        parts = iter(packed.unbind(0))
-        return tuple(next(parts) if p else None for p in present)
+        ids = ids.to(dev)
+        mask = mask.to(dev) if mask is not None else None
+        labels = labels.to(dev) if labels is not None else None
+        if not self.options.check_batch:
+            return Batch(ids, mask, labels)
+        return agree_batch(ids, mask, labels, mode=self.options.data, world_size=self.rt.world_size,
+                           rank=self.rt.rank, device=dev, find_loader=self._find_loader)
 
-    def _refine(self, batch: int, seq: int) -> None:
-        """Fit micro-batching to the real batch; the layout itself never changes after construction."""
-        if self._shape == (batch, seq):
-            return
+    def _find_loader(self, world_size: int) -> str | None:
+        """A live rank-aware loader (autopar.execute.batch.rank_aware_loader), remembered once seen."""
+        if self._loader is None:
+            self._loader = rank_aware_loader(world_size)
+        return self._loader
+
+    def _refine(self, batch: int, seq: int) -> int:
+        """Fit micro-batching to the real batch (the layout never changes after construction); returns the
+        rows of padding that make ``batch`` divide (see [Note: data semantics])."""
         plan = self.plan
-        if batch % plan.dp:
-            raise AutoparError(
-                f"global batch of {batch} sequences does not divide over the plan's dp={plan.dp}; pass a batch "
-                f"that is a multiple of {plan.dp}, or enable_advanced_parallelization(global_batch_size={batch}) "
-                "so the layout is planned for it")
-        size, count = _micro_batching(plan, batch // plan.dp)
-        if plan.pp > 1 and count < plan.pp:
-            raise AutoparError(
-                f"global batch of {batch} gives {count} micro-batch(es) per pipeline; the {plan.schedule.value} "
-                f"schedule over pp={plan.pp} needs at least {plan.pp}: pass at least {plan.dp * plan.pp} "
-                f"sequences, or enable_advanced_parallelization(global_batch_size={batch}) to plan for it")
+        rows = padded_rows(plan, batch)
+        if self._shape == (batch, seq):
+            return rows - batch
+        if rows != batch:
+            self._once(f"pad{batch}", f"autopar: a global batch of {batch} sequences does not split over dp={plan.dp}"
+                       + (f" x at least pp={plan.pp} micro-batches" if plan.pp > 1 else "")
+                       + f"; it trains as one device would, padded with {rows - batch} row(s) that count no token "
+                       f"({rows - batch}/{rows} of the step's compute wasted). A recurring batch of this size: pass "
+                       f"enable_advanced_parallelization(global_batch_size={batch}) so the layout is planned for it")
+        size, count = _micro_batching(plan, rows // plan.dp)
         if self.rt.rank == 0 and (size * seq > plan.micro_batch_size * plan.seq_len):
             log.warning("autopar: micro-batches of %d x %d tokens exceed the planned %d x %d; memory may not fit. "
                         "Pass enable_advanced_parallelization(global_batch_size=%d, seq_len=%d).",
@@ -160,6 +150,7 @@ class ParallelRuntime:
                      batch, seq, count, size)
         self._shape = (batch, seq)
         self.micro_batch_size, self.num_microbatches = size, count
+        return rows - batch
 
     def _schedule(self):
         from torch.distributed.pipelining import (
@@ -170,7 +161,8 @@ class ParallelRuntime:
         )
 
         n = self.num_microbatches
-        if n not in self._schedules:
+        key = (n, self.micro_batch_size, self._shape[1])  # a stage infers its shapes once: one per shape
+        if key not in self._schedules:
             pp_group = self.layout.sub("pp").get_group()
             total = self.layout.num_chunks
             pstages = [PipelineStage(self.stages[c], c, total, self.rt.device, group=pp_group)
@@ -180,13 +172,11 @@ class ParallelRuntime:
             else:
                 cls = ScheduleGPipe if self.plan.schedule == Schedule.GPIPE else Schedule1F1B
                 sched = cls(pstages[0], n, loss_fn=self.loss_fn, scale_grads=False)
-            self._schedules[n] = sched
-        return self._schedules[n]
+            self._schedules[key] = sched
+        return self._schedules[key]
 
     # --- the call ------------------------------------------------------------------------
-    def forward(self, input_ids=None, attention_mask=None, labels=None, use_cache=None, **kwargs):
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
+    def _check_call(self, input_ids, use_cache, kwargs) -> None:
         unsupported = sorted(k for k, v in kwargs.items() if v is not None and k not in ("return_dict",))
         if unsupported:
             raise AutoparError(f"autopar's parallel model takes input_ids, attention_mask and labels; got "
@@ -195,31 +185,80 @@ class ParallelRuntime:
             raise AutoparError("use_cache=True: autopar trains without a KV cache; pass use_cache=False")
         if input_ids is None:
             raise AutoparError("input_ids is required (inputs_embeds is not supported by autopar's executor)")
+        if "first call" not in self._said:
+            self._said.add("first call")
+            compat.install()  # the Trainer is imported by now if the script uses it
+        if "compile" not in self._said and compat.called_through_torch_compile():
+            self._once("compile", "autopar: torch.compile(model) runs autopar's step eagerly (its pipeline schedule "
+                       "and collectives are not compiled); the results are the same, drop torch.compile to "
+                       "silence this")
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, use_cache=None, **kwargs):
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        self._check_call(input_ids, use_cache, kwargs)
         start = time.perf_counter()
         if self._last_start is not None:
             self._time_since += start - self._last_start
             self._intervals += 1
         self._last_start = start
-        ids, mask, labels = self._agree_batch(input_ids, attention_mask, labels)
-        batch, seq = ids.shape
-        self._refine(batch, seq)
-        if mask is None:
-            mask = torch.ones_like(ids)
-        plan, lay = self.plan, self.layout
-        per_dp = batch // plan.dp
-        rows = slice(lay.dp_rank * per_dp, (lay.dp_rank + 1) * per_dp)
-        ids_l, mask_l = ids[rows], mask[rows]
-        labels_l = labels[rows] if labels is not None else None
-        training = labels is not None and torch.is_grad_enabled()
+        batch = self._global_batch(input_ids, attention_mask, labels)
+        rows, seq = batch.ids.shape
+        pad = self._refine(rows, seq)
+        mask = batch.mask if batch.mask is not None else torch.ones_like(batch.ids)
+        ids, mask, labels = pad_rows(batch.ids, mask, batch.labels, pad)
+        per_dp = ids.shape[0] // self.plan.dp
+        mine = slice(self.layout.dp_rank * per_dp, (self.layout.dp_rank + 1) * per_dp)
+        labels_l = labels[mine] if labels is not None else None
         if labels is not None:
-            self.loss_fn.n_tokens = real_tokens(labels)
-        if training:
-            loss = self._train(ids_l, mask_l, labels_l)
-            self._count(batch * seq)
-            return CausalLMOutputWithPast(loss=loss.requires_grad_(True))
+            self.loss_fn.n_tokens = self.loss_fn.count(labels)
+        if labels is not None and torch.is_grad_enabled():
+            with self._random(), PendingGrads(self.params()) as pending:
+                loss = self._train(ids[mine], mask[mine], labels_l)
+            self._count(rows * seq)
+            return CausalLMOutputWithPast(loss=loss_with_backward(loss, pending, self._anchor))
+        if torch.is_grad_enabled():
+            logits = self._logits_with_graph(ids[mine], mask[mine], batch)
+            return CausalLMOutputWithPast(logits=logits[:rows])
         with torch.no_grad():
-            loss, logits = self._evaluate(ids_l, mask_l, labels_l)
+            loss, logits = self._evaluate(ids[mine], mask[mine], labels_l)
+        logits = logits[:rows] if batch.own_rows is None else logits[batch.own_rows]
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def _random(self):
+        """The step's random ops on autopar's dropout stream (autopar.execute.rng), if the model has dropout."""
+        import contextlib
+
+        return self.dropout.active() if self.dropout is not None else contextlib.nullcontext()
+
+    def _logits_with_graph(self, ids, mask, batch: Batch) -> torch.Tensor:
+        """The global batch's logits with a live graph for the user's own loss ([Note: the user's own loss])."""
+        if self.plan.pp > 1:
+            raise AutoparError(
+                f"model(input_ids, ...) without labels while gradients are enabled, under pipeline parallelism "
+                f"(pp={self.plan.pp}): the logits exist only on the last stage. To train with your own loss, pass "
+                "labels= and enable_advanced_parallelization(loss_fn=f) where f(logits, labels) returns the SUM of "
+                "token losses (autopar divides by the global count of labels != -100); to evaluate, call the model "
+                "under torch.no_grad()")
+        if batch.own_rows is not None:
+            raise AutoparError("model(input_ids, ...) without labels while ranks pass shards of the batch: the "
+                               "logits would be the global batch's, not your shard's. Pass labels= (and loss_fn= for "
+                               "your own loss), or give every rank the same global batch")
+        self._shard_grads_after_backward()
+        with self._random():
+            logits = self.stages[0](ids, mask)
+        return gather_rows(logits, self.layout.sub("dp").get_group() if self.plan.dp > 1 else None, self.plan.dp,
+                           self.layout.dp_rank)
+
+    def _shard_grads_after_backward(self) -> None:
+        """The user's backward runs outside the call: cut replicated gradients back to the shard as they land."""
+        if "shard_hooks" in self._said:
+            return
+        self._said.add("shard_hooks")
+        for param in self.shard_grads:
+            param.register_post_accumulate_grad_hook(
+                lambda p: setattr(p, "grad", p.grad.redistribute(placements=p.placements))
+                if p.grad.placements != p.placements else None)
 
     def _chunks(self, *tensors):
         size = self.micro_batch_size
@@ -241,7 +280,7 @@ class ParallelRuntime:
             losses: list = []
             # return_outputs=False: the last stage would otherwise keep and concatenate every micro-batch's
             # logits until the next step (micro-batches x tokens x vocab)
-            self._schedule().step(ids, mask, target=labels, losses=losses, **_NO_OUTPUTS)
+            self._schedule().step(ids, mask, target=labels, losses=losses, **_STEP_KWARGS)
             if holds_loss:
                 total += torch.stack([x.detach().float() for x in losses]).sum()
         self._shard_grads()
@@ -318,11 +357,8 @@ class ParallelRuntime:
         return next(p.dtype for p in self.model.parameters())
 
     def _gather_dp(self, logits):
-        if self.plan.dp == 1:
-            return logits
-        parts = [torch.empty_like(logits) for _ in range(self.plan.dp)]
-        dist.all_gather(parts, logits.contiguous(), group=self.layout.sub("dp").get_group())
-        return torch.cat(parts)
+        group = self.layout.sub("dp").get_group() if self.plan.dp > 1 else None
+        return gather_rows(logits, group, self.plan.dp, self.layout.dp_rank)
 
     # --- statistics ----------------------------------------------------------------------
     def _count(self, tokens: int) -> None:

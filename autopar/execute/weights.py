@@ -77,6 +77,27 @@ class StateDictSource:
         dest.copy_(self.get(name)[tuple(slice(lo, hi) for lo, hi in box)])
 
 
+class InitSource:
+    """The weights ``from_config`` gives on one device, replayed one tensor at a time on every rank
+    (:mod:`autopar.execute.init_replay`): no rank holds the whole model."""
+
+    def __init__(self, model_cls, config, dtype: torch.dtype, rng_state: torch.Tensor):
+        from autopar.execute.init_replay import record_init
+        from autopar.execute.parallelize import building
+
+        with building():  # the recorded build is transformers' own, not autopar's hook
+            self.recording = record_init(model_cls, config, dtype=dtype)
+        self.rng_state = rng_state
+
+    def canonical(self, name: str) -> str:
+        return self.recording.aliases.get(name, name)
+
+    def stream(self):
+        from autopar.execute.init_replay import replay_recording
+
+        yield from replay_recording(self.recording, rng_state=self.rng_state)
+
+
 class SafetensorsSource:
     """Tensors of a ``save_pretrained`` folder (``model.safetensors`` or a sharded index).
 
@@ -335,10 +356,9 @@ def local_indices(param) -> list[torch.Tensor] | None:
 
     if not isinstance(param, DTensor):
         return [torch.arange(n) for n in param.shape]
-    try:
-        from torch.distributed.tensor.placement_types import _StridedShard
-    except ImportError:  # pragma: no cover - older torch
-        _StridedShard = None
+    from autopar.execute.compat import strided_shard_type
+
+    _StridedShard = strided_shard_type()
     mesh, placements = param.device_mesh, param.placements
     out = []
     for d, n in enumerate(param.shape):

@@ -112,6 +112,46 @@ def evaluate(out: Path, layouts: list[str]) -> None:
     (out / f"eval.rank{RANK}.json").write_text(json.dumps(result))
 
 
+def habits(out: Path) -> None:
+    """Habits each refused in one line (or working), 2 ranks under pp=2 and dp=2; timed to the error."""
+    import time
+
+    from autopar.errors import AutoparError
+
+    ids, mask, labels = batches()[0]
+    result = {}
+    for layout in ("pp=2", "dp=2"):
+        autopar.enable_advanced_parallelization(global_batch_size=8, seq_len=16, log_every=0, **parse(layout))
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config("llama"))
+        autopar.disable_advanced_parallelization()
+
+        def caught(fn):
+            start = time.perf_counter()
+            try:
+                fn()
+            except AutoparError as err:
+                return {"error": str(err), "seconds": time.perf_counter() - start}
+            return {"error": None, "seconds": time.perf_counter() - start}
+
+        mine = ids.roll(RANK, dims=0)  # another batch on each rank, no rank-aware loader
+        result[layout] = {
+            "different_batches": caught(lambda: model(mine, attention_mask=mask, labels=labels, use_cache=False)),
+            "own_loss": caught(lambda: model(ids, attention_mask=mask, use_cache=False)),
+            "checkpointing": caught(model.gradient_checkpointing_enable),
+            "to_bf16": caught(lambda: model.to(torch.bfloat16)),
+        }
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            compiled = torch.compile(model)
+            loss = compiled(ids, attention_mask=mask, labels=labels, use_cache=False).loss
+            loss.backward()
+        plain = model(ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        result[layout]["compile"] = {"loss": float(loss), "eager_loss": float(plain),
+                                     "warnings": [str(w.message) for w in seen]}
+    (out / f"habits.rank{RANK}.json").write_text(json.dumps(result))
+
+
 def mismatch(kind: str) -> None:
     options = {"global_batch_size": 8, "seq_len": 16, "log_every": 0}
     if RANK == 1 and kind == "version":
@@ -130,6 +170,8 @@ def main() -> None:
         fallback(out)
     elif mode == "eval":
         evaluate(out, sys.argv[3:])
+    elif mode == "habits":
+        habits(out)
     else:
         mismatch(mode)
     if dist.is_initialized():

@@ -1,0 +1,202 @@
+"""Every place autopar reaches into torch's or transformers' private or global state.
+
+A torch or transformers upgrade should need changes here only. While the
+one line is enabled (:func:`install`), the gradient functions a
+single-device script calls are routed to :mod:`autopar.execute.gradients`
+when they are given autopar's parameters or gradients; everything else goes
+to torch unchanged. They are patched at the module-global level torch's own
+``clip_grad_norm_`` calls (``torch.nn.utils.clip_grad._get_total_norm`` and
+``_clip_grads_with_norm_``), so a ``clip_grad_norm_`` imported before the
+line is covered too.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+import torch
+
+from autopar.errors import AutoparError
+from autopar.execute import gradients
+
+_ORIGINALS: dict[tuple[object, str], object] = {}
+
+
+def _owners(tensors: list[torch.Tensor]) -> list | None:
+    """The autopar parameters whose gradients ``tensors`` are, or None if none is autopar's."""
+    by_grad = {id(p.grad): p for p in list(gradients._COPIES.keys()) if p.grad is not None}
+    owners = [by_grad.get(id(t)) for t in tensors]
+    if all(o is None for o in owners):
+        return None
+    if any(o is None for o in owners):
+        raise AutoparError("a gradient norm over autopar's parameters and other tensors together: autopar "
+                           "computes the norm of its model's gradients over every rank; clip them in a call "
+                           "of their own")
+    return owners
+
+
+def _get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None):
+    original = _ORIGINALS[(torch.nn.utils.clip_grad, "_get_total_norm")]
+    listed = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    owners = _owners(listed)
+    if owners is None:
+        return original(listed, norm_type, error_if_nonfinite, foreach)
+    return gradients.total_norm(owners, norm_type, error_if_nonfinite, grads=listed)
+
+
+def _clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None):
+    original = _ORIGINALS[(torch.nn.utils.clip_grad, "_clip_grads_with_norm_")]
+    ours, others = gradients.split(parameters)
+    if not ours:
+        return original(others, max_norm, total_norm, foreach)
+    if others:
+        raise AutoparError("clipping autopar's parameters together with other tensors; clip them in separate calls")
+    return gradients.clip_with_norm_(ours, max_norm, total_norm)
+
+
+def _clip_grad_value_(parameters, clip_value, foreach=None):
+    original = _ORIGINALS[(torch.nn.utils.clip_grad, "clip_grad_value_")]
+    ours, others = gradients.split(parameters)
+    if others or not ours:
+        original(others, clip_value, foreach)
+    gradients.clip_grad_value_(ours, clip_value)
+
+
+def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
+    original = _ORIGINALS[(torch.amp.GradScaler, "_unscale_grads_")]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ours, others = gradients.split(params)
+    if not ours:
+        return original(self, optimizer, inv_scale, found_inf, allow_fp16)
+    if others:
+        raise AutoparError("a GradScaler over an optimizer holding autopar's parameters and others: give "
+                           "autopar's model its own optimizer")
+    return gradients.unscale_and_find_inf(ours, inv_scale, found_inf, allow_fp16)
+
+
+def _targets() -> list[tuple[object, str, object]]:
+    clip = torch.nn.utils.clip_grad
+    utils = torch.nn.utils
+    return [(clip, "_get_total_norm", _get_total_norm), (utils, "get_total_norm", _get_total_norm),
+            (clip, "_clip_grads_with_norm_", _clip_grads_with_norm_),
+            (utils, "clip_grads_with_norm_", _clip_grads_with_norm_),
+            (clip, "clip_grad_value_", _clip_grad_value_), (utils, "clip_grad_value_", _clip_grad_value_),
+            (torch.amp.GradScaler, "_unscale_grads_", _unscale_grads_)]
+
+
+def _trainer_clip_grad_norm(self, model):
+    """transformers' Trainer clips per device mesh (its own norm per mesh, local to a pipeline stage); an autopar
+    model is clipped by one call over all of its parameters instead (autopar.execute.gradients)."""
+    original = _ORIGINALS[(sys.modules["transformers.trainer"].Trainer, "_clip_grad_norm")]
+    if not hasattr(model, "_autopar"):
+        return original(self, model)
+    self.accelerator.unscale_gradients()
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+
+
+def _trainer_get_grad_norm(self, model, grad_norm=None):
+    original = _ORIGINALS[(sys.modules["transformers.trainer"].Trainer, "_get_grad_norm")]
+    if grad_norm is None and hasattr(model, "_autopar"):
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    return original(self, model, grad_norm)
+
+
+def _trainer_targets() -> list[tuple[object, str, object]]:
+    """The Trainer's clipping, if transformers' Trainer has been imported (it is by the time it trains)."""
+    trainer = sys.modules.get("transformers.trainer")
+    if trainer is None or not hasattr(trainer.Trainer, "_clip_grad_norm"):
+        return []
+    return [(trainer.Trainer, "_clip_grad_norm", _trainer_clip_grad_norm),
+            (trainer.Trainer, "_get_grad_norm", _trainer_get_grad_norm)]
+
+
+def present_as_distributed(model: torch.nn.Module, forward) -> None:
+    """Make ``forward`` the model's and tell accelerate / the Trainer the model distributes itself.
+
+    * ``_is_accelerate_prepared``: accelerate's ``prepare_model`` returns it as is (no DDP wrap, which
+      refuses DTensor parameters);
+    * ``accepts_loss_kwargs = False``: the Trainer neither passes ``num_items_in_batch`` nor multiplies
+      the loss by the process count (autopar's loss is already the global batch's mean);
+    * ``forward`` keeps the original signature (``functools.wraps``): the Trainer reads it to choose
+      which dataset columns to keep; it is never compiled (``torch.compile(model)`` runs it eagerly).
+    """
+    import functools
+
+    original = type(model).forward.__get__(model)
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def call(*args, **kwargs):  # positional arguments mean what they mean to the model's own forward
+        bound = signature.bind(*args, **kwargs)
+        extra = bound.arguments.pop(next((n for n, p in signature.parameters.items()
+                                          if p.kind is p.VAR_KEYWORD), ""), {})
+        return forward(**bound.arguments, **extra)
+
+    model.forward = torch.compiler.disable(call, recursive=True)  # runs eagerly under torch.compile(model)
+    model._is_accelerate_prepared = True
+    model.accepts_loss_kwargs = False
+
+
+def install() -> None:
+    """Route the gradient functions above to autopar for its parameters (idempotent)."""
+    for owner, name, patch in _targets() + _trainer_targets():
+        if (owner, name) not in _ORIGINALS:
+            _ORIGINALS[(owner, name)] = getattr(owner, name)
+            setattr(owner, name, patch)
+
+
+def remove() -> None:
+    for (owner, name), original in list(_ORIGINALS.items()):
+        setattr(owner, name, original)
+    _ORIGINALS.clear()
+
+
+# --- DTensor placements ------------------------------------------------------------------------
+def strided_shard_type():
+    """torch's private ``_StridedShard`` placement (FSDP2 over a TP-sharded dim), or None if absent."""
+    try:
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:
+        return None
+    return _StridedShard
+
+
+def is_sharded(placement) -> bool:
+    """Whether a DTensor placement splits the tensor over its mesh dimension (``Shard`` or ``_StridedShard``,
+    which in torch 2.13 is not a ``Shard`` subclass)."""
+    strided = strided_shard_type()
+    return placement.is_shard() or (strided is not None and isinstance(placement, strided))
+
+
+# --- nn.Module.to -------------------------------------------------------------------------------
+def parse_to(*args, **kwargs) -> tuple[torch.device | None, torch.dtype | None]:
+    """(device, dtype) of a ``Module.to(...)`` call, parsed as torch parses it."""
+    device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+    return device, dtype
+
+
+# --- torch.distributed.pipelining ------------------------------------------------------------------
+def schedule_step_kwargs() -> dict:
+    """``return_outputs=False`` where the installed torch's schedules take it (the last stage would
+    otherwise keep every micro-batch's logits until the next step)."""
+    from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+
+    return {"return_outputs": False} if "return_outputs" in inspect.signature(PipelineScheduleSingle.step).parameters \
+        else {}
+
+
+# --- torch.compile -----------------------------------------------------------------------------
+def called_through_torch_compile() -> bool:
+    """Whether the current call came through a ``torch.compile``-d module.
+
+    autopar's forward is excluded from compilation (``torch.compiler.disable``: its schedule and
+    collectives do not trace), so the one trace ``torch.compile(model)`` leaves is dynamo's
+    ``OptimizedModule`` on the call stack.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if type(frame.f_locals.get("self")).__name__ == "OptimizedModule":
+            return True
+        frame = frame.f_back
+    return False
