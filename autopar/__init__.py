@@ -18,7 +18,8 @@ def enable_advanced_parallelization(**options) -> None:
     ``tp``, ``pp``, ``micro_batch_size``, ``virtual_stages``, ``schedule``,
     ``recompute``, ``zero_stage`` (pins), ``memory_headroom``, ``cluster``,
     ``log_every``, ``data`` (``auto``/``global``/``sharded``), ``check_batch``,
-    ``loss_fn`` (the user's summed loss, run on the last pipeline stage).
+    ``own_loss`` (hint: the loss is computed from ``outputs.logits``), ``loss_fn``
+    (the user's summed loss, run on the last pipeline stage).
     """
     from autopar.execute.hooks import enable
 

@@ -161,3 +161,21 @@ def test_tp_must_divide_the_mlp_width():
     assert tp_options(profile, cluster, 4, Pins()) == [1, 2]
     with pytest.raises(AutoparError, match="--tp 4 does not divide .* MLP width 110; use one of \\[1, 2\\]"):
         tp_options(profile, cluster, 4, Pins(tp=4))
+
+
+def test_own_loss_is_planned_without_pipeline_as_one_micro_batch_with_the_global_logits():
+    """own_loss=True (the script's loss over outputs.logits): pp 1, one micro-batch per rank, and every
+    device holds the global batch's logits, their fp32 log-softmax and their gradient."""
+    from autopar.cost.layers import CostOptions, user_logits_bytes_per_seq
+
+    profile = profile_analytic(_gpt(), seq_len=512, dtype_bytes=2)
+    cluster = _cluster(8, 80)
+    per_seq = user_logits_bytes_per_seq(512, 8192, 2)
+    assert per_seq == 512 * 8192 * (2 * 2 + 4)
+    pins = Pins(pp=1, single_microbatch=True)
+    mine = search(profile, cluster, global_batch_size=32, pins=pins,
+                  opts=CostOptions(user_logits_bytes_per_seq=per_seq), alternatives=False).best
+    assert mine.plan.pp == 1 and mine.plan.num_microbatches == 1
+    assert all(s.memory_bytes["user_logits"] == per_seq * 32 for s in mine.cost.stages)
+    plain = search(profile, cluster, global_batch_size=32, pins=pins, alternatives=False).best
+    assert "user_logits" not in plain.cost.stages[0].memory_bytes

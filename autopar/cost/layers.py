@@ -28,6 +28,10 @@ class CostOptions:
     pp_scatter_gather: bool = False
     """Split each pipeline send over the TP ranks and all-gather after it
     (Narayanan et al. 2021 §4.1). Implied by sequence parallelism."""
+    user_logits_bytes_per_seq: float = 0.0
+    """The script computes its own loss from ``outputs.logits`` (no labels): every device holds the
+    global batch's logits, priced per sequence of the global batch (executor: ``own_loss=True``,
+    ``autopar.execute.semantics`` [Note: the user's own loss]; see ``user_logits_bytes_per_seq``)."""
     measured_block_s: tuple[tuple[int, float, float], ...] = ()
     """Measured (tp, forward s, backward s) of one block for one sequence, from
     autopar.profile.measured.measure_blocks; for a TP degree listed here they
@@ -115,3 +119,13 @@ def collective_s(num_bytes: float, group: int, calls: int, inter_node: bool, clu
     steps = 2 * (group - 1) if kind == "all_reduce" else group - 1
     volume = num_bytes * steps / group
     return calls * steps * latency + volume / (bandwidth * efficiency)
+
+
+def user_logits_bytes_per_seq(seq_len: int, vocab_size: int, elem_bytes: int) -> float:
+    """Bytes per sequence that a user's loss over the gathered logits holds at its peak.
+
+    The gathered logits (``seq x vocab`` in the model's dtype), the float32 log-softmax a
+    cross entropy saves for backward (``F.cross_entropy`` upcasts as transformers' loss does),
+    and the logits' gradient in the backward (model dtype): ``seq x vocab x (2 x elem + 4)``.
+    """
+    return float(seq_len * vocab_size * (2 * elem_bytes + 4))

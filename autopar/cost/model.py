@@ -221,7 +221,8 @@ def _devices(costs: list[LayerCost], ranges: list[range], plan: Plan, cluster: C
     return devices, chunks
 
 
-def _memory(dev: _Device, plan: Plan, cluster: ClusterSpec, p2p_bytes: float) -> dict[str, float]:
+def _memory(dev: _Device, plan: Plan, cluster: ClusterSpec, p2p_bytes: float,
+            opts: CostOptions) -> dict[str, float]:
     """Bytes on one device at its peak (ZeRO: Rajbhandari et al. 2020 §5)."""
     dp = plan.dp
     shard_all = dp if plan.zero_stage >= 3 else 1
@@ -230,7 +231,9 @@ def _memory(dev: _Device, plan: Plan, cluster: ClusterSpec, p2p_bytes: float) ->
     if plan.zero_stage >= 3 and dp > 1:
         transient += 2 * dev.max_layer_params * C.PARAM_BYTES  # a gathered layer and the prefetched next one
     capacity = cluster.device.memory_bytes
-    return {
+    user = {"user_logits": opts.user_logits_bytes_per_seq * plan.global_batch_size} \
+        if opts.user_logits_bytes_per_seq else {}
+    return user | {
         "weights": dev.params * C.PARAM_BYTES / shard_all,
         "grads": dev.params * C.GRAD_BYTES / shard_all,
         "optimizer": dev.params * C.OPTIMIZER_BYTES / shard_opt,
@@ -363,7 +366,7 @@ def estimate_from_costs(costs: list[LayerCost], ranges: list[range], profile: Mo
     rest_s = pp_comm_s + dp_s + optimizer_s
     stages = []
     for rank, dev in enumerate(devices):
-        mem = _memory(dev, plan, cluster, boundary)
+        mem = _memory(dev, plan, cluster, boundary, opts)
         stages.append(StageCost(
             rank=rank, chunks=tuple(range(rank, len(ranges), plan.pp)), layers=dev.layers,
             compute_s=dev.compute_s, tp_comm_s=dev.tp_s, memory_bytes=mem, peak_bytes=sum(mem.values()),

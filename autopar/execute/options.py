@@ -56,6 +56,10 @@ class ParallelOptions:
     shards of it only where a rank-aware loader such as DistributedSampler is alive, else an error),
     ``global`` (every rank must pass the same batch) or ``sharded`` (each rank's batch is its shard; the
     shards are joined in rank order)."""
+    own_loss: bool = False
+    """Hint: the script computes its loss from ``outputs.logits`` (no labels). The plan then has no
+    pipeline stages, runs each rank's rows as one micro-batch and prices the global batch's logits on
+    every device (docs/executor.md#your-own-loss)."""
     loss_fn: Callable | None = None
     """``loss_fn(logits, labels) -> sum of token losses`` used instead of transformers' loss when labels are
     passed (runs on the last pipeline stage); autopar divides by the global count of ``labels != -100``."""
@@ -76,6 +80,12 @@ class ParallelOptions:
             raise AutoparError(f"autopar option memory_headroom={self.memory_headroom!r}: use a fraction in [0, 1)")
         if self.data not in ("auto", "global", "sharded"):
             raise AutoparError(f"autopar option data={self.data!r}: use 'auto', 'global' or 'sharded'")
+        if not isinstance(self.own_loss, bool):
+            raise AutoparError(f"autopar option own_loss={self.own_loss!r}: use True or False")
+        if self.own_loss and self.pp not in (None, 1):
+            raise AutoparError(f"autopar options own_loss=True and pp={self.pp}: the logits of a pipeline exist "
+                               "only on its last stage; drop pp, or pass loss_fn= (run on the last stage) instead "
+                               "of own_loss")
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise AutoparError(f"autopar option loss_fn={self.loss_fn!r} is not callable; pass a function "
                                "f(logits, labels) returning the sum of token losses")
@@ -103,7 +113,8 @@ class ParallelOptions:
 
     def pins(self) -> Pins:
         """The planner's pins; sequence parallelism is not executed yet, so it is pinned off."""
-        return Pins(dp=self.dp, tp=self.tp, pp=self.pp, micro_batch_size=self.micro_batch_size,
+        return Pins(dp=self.dp, tp=self.tp, pp=1 if self.own_loss else self.pp,
+                    micro_batch_size=self.micro_batch_size, single_microbatch=self.own_loss,
                     virtual_stages=self.virtual_stages,
                     schedule=Schedule(self.schedule) if self.schedule else None,
                     recompute=Recompute(self.recompute) if self.recompute else None,

@@ -107,10 +107,12 @@ def profile_config(config, rt: Runtime, options: ParallelOptions, dtype: torch.d
                             device_type=rt.device.type), seq
 
 
-def plan_model(config, rt: Runtime, options: ParallelOptions, profile, seq: int) -> tuple[Plan, str]:
+def plan_model(config, rt: Runtime, options: ParallelOptions, profile, seq: int,
+               dtype: torch.dtype) -> tuple[Plan, str]:
     """The plan for ``config`` on this job's cluster, and a one-line summary for the log."""
     from dataclasses import replace
 
+    from autopar.cost.layers import CostOptions, user_logits_bytes_per_seq
     from autopar.plan.search import search
 
     batch = options.global_batch_size or rt.world_size
@@ -128,8 +130,10 @@ def plan_model(config, rt: Runtime, options: ParallelOptions, profile, seq: int)
     if family_of(config) is None:
         pins = replace(pins, tp=1, pp=1)
     cluster = runtime_cluster(rt, options.cluster, options.memory_headroom)
+    opts = CostOptions(user_logits_bytes_per_seq=user_logits_bytes_per_seq(
+        seq, config.vocab_size, torch.empty((), dtype=dtype).element_size())) if options.own_loss else None
     try:
-        result = search(profile, cluster, global_batch_size=batch, pins=pins, alternatives=False)
+        result = search(profile, cluster, global_batch_size=batch, pins=pins, opts=opts, alternatives=False)
     except AutoparError as err:  # the planner speaks in explain's flags; say it in the one line's terms
         raise AutoparError(f"{err} [executor: {rt.world_size} process(es) of {cluster.nodes} node(s); "
                            f"options global_batch_size={batch}, seq_len={seq}, pins {pins_text(options)}; "
@@ -154,7 +158,7 @@ def plan_everywhere(config, rt: Runtime, options: ParallelOptions, dtype: torch.
     summary: list[str] = []
 
     def make() -> Plan:
-        plan, line = plan_model(config, rt, options, profile, seq)
+        plan, line = plan_model(config, rt, options, profile, seq, dtype)
         summary.append(line)
         return plan
 

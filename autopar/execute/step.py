@@ -244,6 +244,10 @@ class ParallelRuntime:
             raise AutoparError("model(input_ids, ...) without labels while ranks pass shards of the batch: the "
                                "logits would be the global batch's, not your shard's. Pass labels= (and loss_fn= for "
                                "your own loss), or give every rank the same global batch")
+        if not self.options.own_loss:
+            self._once("own_loss", "autopar: model(...) without labels while gradients are enabled returns the "
+                       "global batch's logits with a graph on every rank, which this plan did not price; pass "
+                       "enable_advanced_parallelization(own_loss=True) so the layout is planned for it")
         self._shard_grads_after_backward()
         with self._random():
             logits = self.stages[0](ids, mask)

@@ -126,8 +126,8 @@ def enumerate_candidates(profile: ModelProfile, cluster: ClusterSpec, *, global_
 def _per_degrees(tp: int, pp: int, dp: int, per_replica: int, num_layers: int, num_blocks: int,
                  pins: Pins) -> list[Candidate]:
     out = []
-    mbs_options = [pins.micro_batch_size] if pins.micro_batch_size else [
-        b for b in divisors(per_replica) if b <= MAX_MICRO_BATCH_SIZE]
+    mbs_options = [pins.micro_batch_size] if pins.micro_batch_size else [per_replica] if pins.single_microbatch \
+        else [b for b in divisors(per_replica) if b <= MAX_MICRO_BATCH_SIZE]
     recomputes = [pins.recompute] if pins.recompute else list(Recompute)
     zeros = [pins.zero_stage] if pins.zero_stage is not None else list(ZERO_STAGES)
     if dp == 1:

@@ -175,6 +175,9 @@ class Pins:
     sequence_parallel: bool | None = None
     tp_inter_node: bool = False
     """Allow a TP group to span nodes."""
+    single_microbatch: bool = False
+    """Run each data-parallel rank's whole batch as one micro-batch (the user's own loss keeps every
+    row's graph until its backward)."""
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -115,7 +115,7 @@ def smoothed_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def own_loss(kind: str, run: Run) -> dict:
     """The user computes the loss from ``outputs.logits`` (no pipeline), or hands it over as ``loss_fn``."""
     pipelined = "pp=" in run.layout
-    model = run.build(kind, **({"loss_fn": smoothed_sum} if pipelined else {}))
+    model = run.build(kind, **({"loss_fn": smoothed_sum} if pipelined else {"own_loss": True}))
     optim = torch.optim.AdamW(model.parameters(), lr=LR)
     losses = []
     for ids, mask, labels in batches()[:STEPS]:
