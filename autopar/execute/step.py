@@ -16,7 +16,8 @@ summed gradient is the single-device gradient, padding of any length included.
 
 Without labels and with gradients enabled (no pipeline parallelism), the call
 returns the global batch's logits with a live graph for the user's own loss;
-under ``torch.no_grad()`` it is evaluation: forward only, the logits of the
+under ``torch.no_grad()`` (or, with pipeline parallelism, in ``model.eval()``
+mode) it is evaluation: forward only, the logits of the
 whole global batch on every rank (of this rank's own rows when ranks passed
 shards).
 """
@@ -217,7 +218,7 @@ class ParallelRuntime:
                 loss = self._train(ids[mine], mask[mine], labels_l)
             self._count(rows * seq)
             return CausalLMOutputWithPast(loss=loss_with_backward(loss, pending, self._anchor))
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and (self.plan.pp == 1 or self.model.training):
             logits = self._logits_with_graph(ids[mine], mask[mine], batch)
             return CausalLMOutputWithPast(logits=logits[:rows])
         with torch.no_grad():

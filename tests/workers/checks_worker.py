@@ -100,6 +100,7 @@ def evaluate(out: Path, layouts: list[str]) -> None:
             torch.manual_seed(0)
             model = transformers.AutoModelForCausalLM.from_config(config(kind))
             autopar.disable_advanced_parallelization()
+            model.eval()  # without labels, in eval mode: evaluation on every layout (no graph under pp)
             logits = model(ids, attention_mask=mask, use_cache=False).logits
             with torch.no_grad():
                 loss = model(ids, attention_mask=mask, labels=labels, use_cache=False).loss
