@@ -6,6 +6,8 @@ what it needs when it runs (profile -> cost -> plan -> execute).
 
 __version__ = "0.1.0"
 
+from autopar.errors import AutoparError  # noqa: E402  (no torch import: the user-facing error type)
+
 
 def enable_advanced_parallelization(**options) -> None:
     """The one line: call it before the model is built; see docs/executor.md.

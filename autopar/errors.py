@@ -14,3 +14,7 @@ class AutoparError(ValueError):
 
 class UnsupportedModelError(AutoparError):
     """The model's architecture is not one autopar can profile or split."""
+
+
+class TokenIdError(AutoparError, IndexError):
+    """A token id outside the vocabulary (one device raises IndexError from its embedding)."""

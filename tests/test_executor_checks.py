@@ -61,13 +61,16 @@ def test_unsplittable_architecture_falls_back_to_fsdp(tmp_path):
 @pytest.mark.slow
 def test_habits_work_or_fail_in_one_line_on_every_rank(tmp_path):
     """Different batches on each rank (no rank-aware loader), logits without labels under pp, checkpointing
-    not planned, a dtype change: the same one-line error on every rank, at once; torch.compile runs eagerly."""
+    not planned, a dtype change, a token id outside the vocabulary: the same one-line error on every rank, at
+    once; torch.compile runs eagerly."""
     check(torchrun(2, "checks_worker.py", str(tmp_path), "habits", timeout=240))
     expected = {
         "different_batches": r"ranks passed different batches \(same shape 8x16, other tokens on rank 1\).*"
                              r"DistributedSampler or pass enable_advanced_parallelization\(data='sharded'\)",
         "checkpointing": r"recompute=none\); pass enable_advanced_parallelization\(recompute='full'\)",
         "to_bf16": r"model.to\(torch.bfloat16\) on a model autopar built in torch.float32",
+        "token_ids": r"input_ids hold token id 96 at \(row, position\) \(0, 0\), outside the vocabulary "
+                     r"\[0, 96\).*one device raises IndexError",
     }
     for rank in (0, 1):
         result = json.loads((tmp_path / f"habits.rank{rank}.json").read_text())

@@ -186,6 +186,24 @@ def schedule_step_kwargs() -> dict:
         else {}
 
 
+# --- torch.distributed ---------------------------------------------------------------------------
+def default_store():
+    """The default process group's key-value store (torchrun's rendezvous store)."""
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
+
+
+def called_from_dcp() -> bool:
+    """Whether the current call comes from torch.distributed.checkpoint (``get_state_dict`` and friends)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith("torch.distributed.checkpoint"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 # --- torch.compile -----------------------------------------------------------------------------
 def called_through_torch_compile() -> bool:
     """Whether the current call came through a ``torch.compile``-d module.

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from autopar.errors import AutoparError, UnsupportedModelError
-from autopar.execute import compat, surface
+from autopar.execute import checkpoint, compat, surface
 from autopar.execute.agree import agree_on_plan, config_dict, config_json
 from autopar.execute.build import (
     apply_fsdp,
@@ -264,6 +264,7 @@ def build_parallel(model_cls, config, source, rt: Runtime, options: ParallelOpti
     object.__setattr__(model, "_autopar", runtime)
     compat.present_as_distributed(model, runtime.forward)
     surface.guard(model, rt.device, plan.recompute)
+    checkpoint.install(model, runtime)
     return model
 
 

@@ -32,7 +32,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from autopar.errors import AutoparError
+from autopar.errors import AutoparError, TokenIdError
 from autopar.execute import compat
 from autopar.execute.batch import Batch, agree_batch, pad_rows, rank_aware_loader
 from autopar.execute.build import Layout
@@ -204,6 +204,7 @@ class ParallelRuntime:
             self._intervals += 1
         self._last_start = start
         batch = self._global_batch(input_ids, attention_mask, labels)
+        self._check_token_ids(batch.ids)
         rows, seq = batch.ids.shape
         pad = self._refine(rows, seq)
         mask = batch.mask if batch.mask is not None else torch.ones_like(batch.ids)
@@ -225,6 +226,19 @@ class ParallelRuntime:
             loss, logits = self._evaluate(ids[mine], mask[mine], labels_l)
         logits = logits[:rows] if batch.own_rows is None else logits[batch.own_rows]
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def _check_token_ids(self, ids: torch.Tensor) -> None:
+        """Ids outside the vocabulary raise as one device's embedding does (IndexError), on every rank: a
+        vocab-parallel embedding would otherwise embed them as zeros."""
+        vocab = self.model.config.vocab_size
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab:
+            bad = low if low < 0 else high
+            where = tuple(int(i) for i in (ids == bad).nonzero()[0])
+            raise TokenIdError(f"input_ids hold token id {bad} at (row, position) {where}, outside the vocabulary "
+                               f"[0, {vocab}) of {type(self.model).__name__} (one device raises IndexError: index "
+                               "out of range in self); check the tokenizer matches the model, or resize the model's "
+                               "embeddings before autopar builds it")
 
     def _random(self):
         """The step's random ops on autopar's dropout stream (autopar.execute.rng), if the model has dropout."""

@@ -109,24 +109,37 @@ class SafetensorsSource:
     def __init__(self, folder: Path, aliases: dict[str, str]):
         self.folder = Path(folder)
         self.aliases = aliases
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif (self.folder / "model.safetensors").is_file():
-            weight_map = None
-        else:
-            raise AutoparError(f"{self.folder} holds no model.safetensors or model.safetensors.index.json")
         self._files: dict[str, _File] = {}
         self._where: dict[str, str] = {}
-        names = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
-        for fname in names:
-            handle = _File(self.folder / fname)
-            self._files[fname] = handle
-            for key in handle.entries:
-                self._where[key] = fname
+        weight_map = _read_index(self.folder)
+        names = sorted(set(weight_map.values())) if weight_map is not None else ["model.safetensors"]
+        try:
+            for fname in names:  # each file's header is checked whole here, before any tensor is read
+                handle = _File(self.folder / fname)
+                self._files[fname] = handle
+                for key in handle.entries:
+                    self._where[key] = fname
+            if weight_map is not None:
+                self._follow_index(weight_map)
+        except BaseException:
+            self.close()
+            raise
         self.bytes_read = 0
         self.bytes_used = 0
         self.whole_reads = 0
+
+    def _follow_index(self, weight_map: dict[str, str]) -> None:
+        """Point each tensor of the index at its shard, which must hold it.
+
+        Raises:
+            AutoparError: the index lists a tensor its shard file does not hold.
+        """
+        index = self.folder / _INDEX
+        for key, fname in weight_map.items():
+            if key not in self._files[fname].entries:
+                raise _index_error(index, f"lists tensor {key!r} in shard {fname!r}, but that file does not "
+                                          "hold it (an index from another save)")
+            self._where[key] = fname
 
     def keys(self):
         return self._where.keys()
@@ -169,19 +182,14 @@ class _File:
 
     def __init__(self, path: Path):
         self.path = path
-        self.fd = os.open(path, os.O_RDONLY)
-        head = os.pread(self.fd, 8, 0)
-        if len(head) < 8:
-            raise AutoparError(f"{path} is not a safetensors file (too short)")
-        (length,) = struct.unpack("<Q", head)
-        try:
-            header = json.loads(os.pread(self.fd, length, 8))
-        except ValueError as exc:
-            raise AutoparError(f"{path} is not a safetensors file (bad header: {exc})") from None
-        header.pop("__metadata__", None)
-        self.data_start = 8 + length
-        self.entries: dict[str, dict] = header
+        self.fd = -1
         self._safe = None  # safetensors' own reader, for dtypes this one does not map
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            self.data_start, self.entries = _open_header(self.fd, path)
+        except BaseException:
+            self.close()
+            raise
 
     def info(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         entry = self.entries[key]
@@ -321,6 +329,296 @@ def _resolve(name: str, keys, aliases: dict[str, str]) -> str:
             return cand
     raise AutoparError(f"the checkpoint has no tensor {name!r} (nor a tied or unprefixed alias); "
                        "is it a checkpoint of this architecture?")
+
+
+# --- checking a checkpoint before reading it ----------------------------------------------------------
+# [Note: safetensors validation] The reader mirrors what safetensors (0.8, Rust: ``read_metadata`` and
+# ``Metadata::validate``, serde_json underneath) refuses at ``safe_open``, so a damaged file fails at open
+# time with one line instead of loading as garbage, and a file safetensors accepts is never refused:
+# the header length (8 bytes, at most MAX_HEADER_SIZE, inside the file), a UTF-8 JSON object, a str->str
+# (or null) ``__metadata__``, per tensor a known dtype, a shape and two offsets of usize, a byte range
+# of exactly numel x bits / 8 bytes, and the ranges sorted by offset contiguous from 0 to the end of the
+# file. serde also accepts, so this does too: a tensor as a list ``[dtype, shape, data_offsets]``, a
+# dtype as ``{"F32": null}``, unknown fields in a tensor, a repeated tensor name (the last wins, but
+# every one must parse) and ``"__metadata__": null``; it refuses what Python's json would take:
+# NaN/Infinity, numbers out of f64 range, ``-0`` as an integer, lone UTF-16 surrogates, a repeated
+# ``__metadata__``/``dtype``/``shape``/``data_offsets`` field and nesting past 127 levels.
+
+_INDEX = "model.safetensors.index.json"
+_MAX_HEADER_BYTES = 100_000_000
+"""safetensors' ``MAX_HEADER_SIZE``: a longer header is refused as absurd before it is read."""
+_USIZE_MAX = 2**64 - 1
+"""Shapes and offsets are Rust ``usize`` (64-bit): larger integers are refused, as is overflow."""
+_MAX_JSON_DEPTH = 127
+"""serde_json's recursion limit (128) as safetensors meets it: containers nested deeper are refused."""
+_FIELDS = ("dtype", "shape", "data_offsets")
+_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
+               "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+               "C64": 64, "F64": 64, "I64": 64, "U64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+"""Every dtype safetensors knows, with its bits per element: those in :data:`_DTYPES` are read here, the
+others are handed to safetensors' own reader (``_File._fallback``)."""
+_FIX = "re-save the checkpoint with save_pretrained or safetensors.torch.save_file (or download it again)"
+
+
+def _file_error(path: Path, what: str, tensor: str | None = None) -> AutoparError:
+    """One line naming the file (and the tensor), what is wrong and the fix."""
+    where = str(path) if tensor is None else f"{path}: tensor {tensor!r}"
+    return AutoparError(f"{where}: {what}; safetensors refuses it too, {_FIX}".replace("\n", "\\n"))
+
+
+def _index_error(index: Path, what: str) -> AutoparError:
+    """One line naming the index file, what is wrong and the fix."""
+    fix = "fix its weight_map or re-save the checkpoint with save_pretrained"
+    return AutoparError(f"{index} {what}; {fix}".replace("\n", "\\n"))
+
+
+def _short(value) -> str:
+    """``repr(value)`` cut to 60 characters, for error messages."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _read_index(folder: Path) -> dict[str, str] | None:
+    """The ``weight_map`` of ``folder``'s sharded index (None: one ``model.safetensors``), its shard
+    names checked: relative, inside the folder, existing.
+
+    Raises:
+        AutoparError: no checkpoint, or an index that is not JSON, has no ``weight_map`` object or
+            names a shard outside the folder or missing.
+    """
+    index = folder / _INDEX
+    if not index.is_file():
+        if (folder / "model.safetensors").is_file():
+            return None
+        raise AutoparError(f"{folder} holds no model.safetensors or {_INDEX}; "
+                           "point from_pretrained at a save_pretrained folder")
+    try:
+        data = json.loads(index.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise _index_error(index, f"is not UTF-8 JSON ({str(exc).splitlines()[0]})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise _index_error(index, 'has no "weight_map" object {tensor name: shard file name}')
+    shards: dict[str, str] = {}  # shard file name -> its first tensor, to name in errors
+    for tensor, fname in weight_map.items():
+        if not isinstance(fname, str) or not fname:
+            raise _index_error(index, f"maps tensor {tensor!r} to {_short(fname)}, which is not a file name")
+        shards.setdefault(fname, tensor)
+    for fname, tensor in shards.items():
+        _check_shard_name(index, tensor, fname)
+    return weight_map
+
+
+def _check_shard_name(index: Path, tensor: str, fname: str) -> None:
+    """``fname`` (the shard of ``tensor``) is a relative path inside the index's folder, of a file."""
+    what = f"maps tensor {tensor!r} to shard {fname!r}, "
+    if os.path.isabs(fname):
+        raise _index_error(index, what + "an absolute path (shards must sit in the checkpoint's folder)")
+    if ".." in Path(fname).parts:
+        raise _index_error(index, what + "a path with '..' leading outside the checkpoint's folder")
+    if not (index.parent / fname).is_file():
+        raise _index_error(index, what + f"which does not exist in {index.parent}")
+
+
+def _open_header(fd: int, path: Path) -> tuple[int, dict[str, dict]]:
+    """Check the whole header of the safetensors file ``fd`` (no tensor data is read).
+
+    Returns:
+        The file offset of the data buffer, and per tensor ``{dtype, shape, data_offsets}`` (the
+        dtype a safetensors name, the shape a tuple, the offsets relative to the data buffer).
+
+    Raises:
+        AutoparError: anything safetensors refuses (see [Note: safetensors validation]).
+    """
+    size = os.fstat(fd).st_size
+    if size < 8:
+        raise _file_error(path, f"is {size} bytes, shorter than the 8-byte header length it must start with")
+    (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    if length > _MAX_HEADER_BYTES:
+        raise _file_error(path, f"header length {length} is absurd (safetensors' limit is "
+                                f"{_MAX_HEADER_BYTES} bytes): not a safetensors file, or a damaged one")
+    if 8 + length > size:
+        raise _file_error(path, f"header length {length} is larger than the file ({size} bytes): truncated")
+    raw = os.pread(fd, length, 8)
+    if len(raw) != length:
+        raise _file_error(path, f"header ends after {len(raw)} of its {length} bytes: truncated")
+    header = _parse_json(raw, path)
+    entries = _check_header(header, path)
+    _check_layout(entries, size - 8 - length, path)
+    return 8 + length, entries
+
+
+class _JsonObject(dict):
+    """A JSON object that keeps the pairs a repeated key overwrote (serde still parses those)."""
+
+    __slots__ = ("dups",)
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[str, object]]) -> _JsonObject:
+        obj = cls(pairs)
+        obj.dups = []
+        if len(obj) != len(pairs):
+            last = {key: i for i, (key, _) in enumerate(pairs)}
+            obj.dups = [pair for i, pair in enumerate(pairs) if last[pair[0]] != i]
+        return obj
+
+
+def _json_int(text: str) -> int | float:
+    """An integer as serde_json reads it: ``-0`` is a float, one past i64/u64 an f64 (out of range: refused)."""
+    if text == "-0":
+        return -0.0
+    value = int(text)
+    if len(text) > 300:
+        float(value)  # OverflowError when no f64 holds it
+    return value
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number out of range: {text[:20]}")
+    return value
+
+
+def _json_constant(text: str):
+    raise ValueError(f"{text} is not JSON")
+
+
+def _parse_json(raw: bytes, path: Path) -> _JsonObject:
+    """The header bytes as a JSON object, parsed as strictly as serde_json."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _file_error(path, f"header is not UTF-8 (bad byte at {exc.start})") from None
+    try:
+        header = json.loads(text, object_pairs_hook=_JsonObject.from_pairs, parse_int=_json_int,
+                            parse_float=_json_float, parse_constant=_json_constant)
+    except (ValueError, OverflowError, RecursionError) as exc:
+        raise _file_error(path, f"header is not valid JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(header, _JsonObject):
+        raise _file_error(path, f"header is JSON {type(header).__name__} {_short(header)}, not an object "
+                                "{name: {dtype, shape, data_offsets}}")
+    return header
+
+
+def _check_text(value: str, path: Path, tensor: str | None) -> None:
+    """serde_json refuses a lone UTF-16 surrogate escape (Python's json lets it through)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _file_error(path, f"header string {_short(value)} holds a lone surrogate (not UTF-8 JSON)",
+                          tensor) from None
+
+
+def _check_header(header: _JsonObject, path: Path) -> dict[str, dict]:
+    """Each tensor entry of ``header`` (repeated names too: the last one wins) and its ``__metadata__``."""
+    if any(key == "__metadata__" for key, _ in header.dups):
+        raise _file_error(path, "header repeats __metadata__")
+    meta = header.get("__metadata__")
+    if meta is not None:
+        pairs = list(meta.items()) + meta.dups if isinstance(meta, _JsonObject) else None
+        if pairs is None or not all(isinstance(v, str) for _, v in pairs):
+            raise _file_error(path, f"__metadata__ {_short(meta)} is not a map of strings to strings")
+        for key, value in pairs:
+            _check_text(key, path, None)
+            _check_text(value, path, None)
+    for name, value in header.dups:
+        _check_entry(name, value, path)
+    return {name: _check_entry(name, value, path) for name, value in header.items() if name != "__metadata__"}
+
+
+def _check_entry(name: str, value, path: Path) -> dict:
+    """One tensor's ``{dtype, shape, data_offsets}`` (or serde's list form), normalised."""
+    _check_text(name, path, None)
+    if isinstance(value, list) and len(value) == 3:
+        fields, extra = value, []
+    elif isinstance(value, _JsonObject):
+        repeated = [key for key, _ in value.dups if key in _FIELDS]
+        missing = [key for key in _FIELDS if key not in value]
+        if repeated or missing:
+            problem = f"repeats the field {repeated[0]}" if repeated else f"has no field {missing[0]}"
+            raise _file_error(path, f"entry {problem}", name)
+        fields = [value[key] for key in _FIELDS]
+        extra = [(k, v) for k, v in value.items() if k not in _FIELDS] + value.dups
+    else:
+        raise _file_error(path, f"entry {_short(value)} is not an object {{dtype, shape, data_offsets}}", name)
+    for key, item in extra:  # unknown fields are ignored, but must still be JSON serde reads
+        _check_extra(key, 2, path, name)
+        _check_extra(item, 2, path, name)
+    dtype, shape, offsets = _dtype_name(fields[0]), fields[1], fields[2]
+    if dtype is None:
+        raise _file_error(path, f"dtype {_short(fields[0])} is unknown (safetensors knows "
+                                f"{', '.join(_DTYPE_BITS)})", name)
+    if not isinstance(shape, list) or not all(_is_usize(n) for n in shape):
+        raise _file_error(path, f"shape {_short(shape)} is not a list of non-negative integers", name)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_usize(n) for n in offsets)):
+        raise _file_error(path, f"data_offsets {_short(offsets)} is not two non-negative integers "
+                                "[begin, end]", name)
+    if offsets[0] > offsets[1]:
+        raise _file_error(path, f"data_offsets {offsets} begin after they end", name)
+    return {"dtype": dtype, "shape": tuple(shape), "data_offsets": tuple(offsets)}
+
+
+def _is_usize(value) -> bool:
+    return type(value) is int and 0 <= value <= _USIZE_MAX
+
+
+def _dtype_name(value) -> str | None:
+    """A safetensors dtype name, also in serde's ``{"F32": null}`` form; None if it is not one."""
+    if isinstance(value, _JsonObject) and len(value) == 1 and not value.dups:
+        ((key, unit),) = value.items()
+        value = key if unit is None else None
+    return value if isinstance(value, str) and value in _DTYPE_BITS else None
+
+
+def _check_extra(value, depth: int, path: Path, tensor: str) -> None:
+    """An ignored field of a tensor entry (at nesting ``depth``): no lone surrogate, not nested too deep."""
+    if isinstance(value, str):
+        _check_text(value, path, tensor)
+    elif isinstance(value, (list, _JsonObject)):
+        if depth + 1 > _MAX_JSON_DEPTH:
+            raise _file_error(path, f"header nests deeper than {_MAX_JSON_DEPTH} levels (not JSON serde "
+                                    "reads)", tensor)
+        items = value if isinstance(value, list) else [x for pair in [*value.items(), *value.dups] for x in pair]
+        for item in items:
+            _check_extra(item, depth + 1, path, tensor)
+
+
+def _entry_bytes(entry: dict) -> int | None:
+    """The bytes ``shape`` x ``dtype`` of a tensor take; None when safetensors refuses them (usize
+    overflow, or a sub-byte dtype not ending on a byte boundary)."""
+    numel = 1
+    for n in entry["shape"]:
+        numel *= n
+        if numel > _USIZE_MAX:
+            return None
+    bits = numel * _DTYPE_BITS[entry["dtype"]]
+    if bits > _USIZE_MAX or bits % 8:
+        return None
+    return bits // 8
+
+
+def _check_layout(entries: dict[str, dict], data_bytes: int, path: Path) -> None:
+    """Each tensor's byte range is its shape x dtype, and the ranges, sorted by offset, cover the data
+    buffer (``data_bytes``, the file after the header) from 0 to its end: no overlap, hole or slack."""
+    start, before = 0, None
+    for name, entry in sorted(entries.items(), key=lambda item: item[1]["data_offsets"]):
+        begin, end = entry["data_offsets"]
+        if begin != start:
+            after = f"after tensor {before!r}, which ends at {start}" if before is not None else "the data starts at 0"
+            problem = "overlaps the tensor before it" if begin < start else f"leaves a hole of {begin - start} bytes"
+            raise _file_error(path, f"data_offsets [{begin}, {end}] {problem} ({after})", name)
+        want = _entry_bytes(entry)
+        if want != end - begin:
+            held = "no whole number of bytes" if want is None else f"{want} bytes"
+            raise _file_error(path, f"dtype {entry['dtype']} x shape {list(entry['shape'])} is {held} but "
+                                    f"data_offsets [{begin}, {end}] hold {end - begin}: dtype or shape do not "
+                                    "match the byte range", name)
+        start, before = end, name
+    if start != data_bytes:
+        problem = "truncated" if start > data_bytes else f"{data_bytes - start} bytes after the last tensor"
+        raise _file_error(path, f"tensors cover {start} data bytes but the file holds {data_bytes} "
+                                f"({problem}): the byte ranges do not cover the file exactly", before)
 
 
 # --- which part of a stored tensor this rank holds -----------------------------------------------------

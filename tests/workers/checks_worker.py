@@ -141,6 +141,8 @@ def habits(out: Path) -> None:
             "own_loss": caught(lambda: model(ids, attention_mask=mask, use_cache=False)),
             "checkpointing": caught(model.gradient_checkpointing_enable),
             "to_bf16": caught(lambda: model.to(torch.bfloat16)),
+            "token_ids": caught(lambda: model(ids.masked_fill(ids == ids[0, 0], 96), attention_mask=mask,
+                                              labels=labels, use_cache=False)),
         }
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
