@@ -1,8 +1,10 @@
 """The Hugging Face Trainer under the one line trains like one process (tests/workers/trainer_worker.py).
 
-Llama (GQA) on 4 gloo ranks, default TrainingArguments but for output_dir, the per-device batch, max_steps,
-the learning rate and save_strategy="no": logged losses and grad norms within 1e-5 relative of one process
-trained on the same global batch, every parameter within 1e-4 of its tensor's largest value. GPT-2 is left
+Llama (GQA) on 4 gloo ranks, default TrainingArguments but for output_dir, the per-device batch, max_steps
+and the learning rate (the Trainer saves its checkpoints: model, optimizer, scheduler, RNG, state): logged
+losses and grad norms within 1e-5 relative of one process trained on the same global batch, every parameter
+within 1e-4 of its tensor's largest value; a run resumed from the step-2 checkpoint
+(``resume_from_checkpoint``) logs the same losses and ends with the same weights. GPT-2 is left
 out: for models whose ``loss_type`` transformers cannot resolve, the Trainer divides one process's loss by
 the unshifted label count (docs/executor.md#the-hugging-face-trainer), which autopar does not copy.
 """
@@ -29,7 +31,9 @@ def trained(tmp_path_factory):
         check(python("trainer_worker.py", str(out), "llama", "reference", str(batch), timeout=300))
     for layout, use_cpu in CASES:
         check(torchrun(4, "trainer_worker.py", str(out), "llama", layout, "2", *(["use_cpu"] if use_cpu else []),
-                       timeout=300))
+                       "save_steps=2", timeout=300))
+    layout, use_cpu = CASES[0]
+    check(torchrun(4, "trainer_worker.py", str(out), "llama", layout, "2", "use_cpu", "resume", timeout=300))
     return out
 
 
@@ -46,4 +50,15 @@ def test_trainer_matches_one_process(trained, layout, use_cpu):
             assert abs(got - want) <= 1e-5 * abs(want), (layout, r["losses"], r["ref_losses"], r["norms"])
         assert all(d <= 1e-4 for d in r["param_rel_diff"].values()), (layout, r["param_rel_diff"])
         held |= set(r["param_rel_diff"])
+        assert r["checkpoints"] == ["checkpoint-2", "checkpoint-4"]
     assert held == set(r["ref_names"])
+
+
+@pytest.mark.slow
+def test_trainer_resumes_from_its_checkpoint(trained):
+    layout = CASES[0][0].replace(" ", "_")
+    for rank in range(4):
+        whole = json.loads((trained / f"trainer.llama.{layout}.cpu.rank{rank}.json").read_text())
+        resumed = json.loads((trained / f"trainer.llama.{layout}.cpu.resumed.rank{rank}.json").read_text())
+        assert resumed["losses"] == whole["losses"] and resumed["norms"] == whole["norms"]
+        assert resumed["param_rel_diff"] == whole["param_rel_diff"]

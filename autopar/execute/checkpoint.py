@@ -202,6 +202,56 @@ def state_dict(model, runtime, native, *args, **kwargs):
     return full_state_dict(model, runtime)
 
 
+OPTIMIZER_DIR = "autopar_optimizer"
+"""Folder (torch DCP format) of a Trainer checkpoint holding the optimizer state, sharded as the run ran."""
+
+
+def _flat_options():
+    """Optimizer state keyed by parameter name (``param_groups.<fqn>.lr``), not by group index: pipeline
+    stages hold other parameters in groups of the same index, which DCP would otherwise merge."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def save_optimizer(model, optimizer, folder) -> None:
+    """The optimizer's state with torch's DCP (every rank writes its shards); collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer, options=_flat_options())
+    dcp.save({"optimizer": state}, checkpoint_id=str(Path(folder) / OPTIMIZER_DIR))
+
+
+def load_optimizer(model, optimizer, folder) -> None:
+    """Inverse of :func:`save_optimizer` (the same layout); collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    where = Path(folder) / OPTIMIZER_DIR
+    if not where.is_dir():
+        raise AutoparError(f"{folder} has no {OPTIMIZER_DIR}/ (autopar's optimizer state); resume from a checkpoint "
+                           "a run under autopar saved")
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer, options=_flat_options())}
+    dcp.load(state, checkpoint_id=str(where))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=_flat_options())
+
+
+def load_weights(model, runtime, folder) -> None:
+    """Read a ``save_pretrained`` folder into this rank's shards (only the slices it holds)."""
+    from autopar.execute.build import _fill_param
+    from autopar.execute.weights import SafetensorsSource, tied_aliases
+
+    source = SafetensorsSource(Path(folder), tied_aliases(type(model), model.config))
+    try:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                _fill_param(name, param, source, runtime.family, runtime.plan.tp, set(runtime.converted),
+                            runtime.rt.device)
+    finally:
+        source.close()
+
+
 def install(model, runtime) -> None:
     """``save_pretrained`` and ``state_dict`` of the model the user holds (see [Note: saving])."""
     native = model.state_dict

@@ -88,27 +88,82 @@ def _targets() -> list[tuple[object, str, object]]:
 def _trainer_clip_grad_norm(self, model):
     """transformers' Trainer clips per device mesh (its own norm per mesh, local to a pipeline stage); an autopar
     model is clipped by one call over all of its parameters instead (autopar.execute.gradients)."""
-    original = _ORIGINALS[(sys.modules["transformers.trainer"].Trainer, "_clip_grad_norm")]
     if not hasattr(model, "_autopar"):
-        return original(self, model)
+        return _trainer_original("_clip_grad_norm")(self, model)
     self.accelerator.unscale_gradients()
     return torch.nn.utils.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
 
 
 def _trainer_get_grad_norm(self, model, grad_norm=None):
-    original = _ORIGINALS[(sys.modules["transformers.trainer"].Trainer, "_get_grad_norm")]
     if grad_norm is None and hasattr(model, "_autopar"):
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-    return original(self, model, grad_norm)
+    return _trainer_original("_get_grad_norm")(self, model, grad_norm)
+
+
+def _trainer_original(name: str):
+    return _ORIGINALS[(sys.modules["transformers.trainer"].Trainer, name)]
+
+
+def _trainer_save_model(self, output_dir=None, _internal_call=False):
+    """Every rank saves an autopar model (transformers saves on the main process only)."""
+    if not hasattr(self.model, "_autopar"):
+        return _trainer_original("save_model")(self, output_dir, _internal_call)
+    import os
+
+    output_dir = output_dir or self.args.output_dir
+    self.model.save_pretrained(output_dir)
+    if self.args.should_save:
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, sys.modules["transformers.trainer"].TRAINING_ARGS_NAME))
+
+
+def _trainer_save_optimizer_and_scheduler(self, output_dir):
+    if not hasattr(self.model, "_autopar"):
+        return _trainer_original("_save_optimizer_and_scheduler")(self, output_dir)
+    import os
+
+    from autopar.execute import checkpoint
+
+    checkpoint.save_optimizer(self.model, self.optimizer, output_dir)
+    if self.args.should_save:
+        torch.save(self.lr_scheduler.state_dict(),
+                   os.path.join(output_dir, sys.modules["transformers.trainer"].SCHEDULER_NAME))
+
+
+def _trainer_load_from_checkpoint(self, resume_from_checkpoint, model=None):
+    model = model if model is not None else self.model
+    if not hasattr(model, "_autopar"):
+        return _trainer_original("_load_from_checkpoint")(self, resume_from_checkpoint, model)
+    from autopar.execute import checkpoint
+
+    checkpoint.load_weights(model, model._autopar, resume_from_checkpoint)
+
+
+def _trainer_load_optimizer_and_scheduler(self, checkpoint_dir):
+    if checkpoint_dir is None or not hasattr(self.model, "_autopar"):
+        return _trainer_original("_load_optimizer_and_scheduler")(self, checkpoint_dir)
+    import os
+
+    from autopar.execute import checkpoint
+
+    checkpoint.load_optimizer(self.model, self.optimizer, checkpoint_dir)
+    path = os.path.join(checkpoint_dir, sys.modules["transformers.trainer"].SCHEDULER_NAME)
+    self.lr_scheduler.load_state_dict(torch.load(path, weights_only=True))
 
 
 def _trainer_targets() -> list[tuple[object, str, object]]:
-    """The Trainer's clipping, if transformers' Trainer has been imported (it is by the time it trains)."""
+    """The Trainer's clipping and checkpointing, if transformers' Trainer has been imported (it is by the time
+    it trains): for autopar models, one clip over every rank and saves that every rank takes part in."""
     trainer = sys.modules.get("transformers.trainer")
     if trainer is None or not hasattr(trainer.Trainer, "_clip_grad_norm"):
         return []
-    return [(trainer.Trainer, "_clip_grad_norm", _trainer_clip_grad_norm),
-            (trainer.Trainer, "_get_grad_norm", _trainer_get_grad_norm)]
+    cls = trainer.Trainer
+    return [(cls, "_clip_grad_norm", _trainer_clip_grad_norm), (cls, "_get_grad_norm", _trainer_get_grad_norm),
+            (cls, "save_model", _trainer_save_model),
+            (cls, "_save_optimizer_and_scheduler", _trainer_save_optimizer_and_scheduler),
+            (cls, "_load_from_checkpoint", _trainer_load_from_checkpoint),
+            (cls, "_load_optimizer_and_scheduler", _trainer_load_optimizer_and_scheduler)]
 
 
 def present_as_distributed(model: torch.nn.Module, forward) -> None:
@@ -138,8 +193,39 @@ def present_as_distributed(model: torch.nn.Module, forward) -> None:
     model.accepts_loss_kwargs = False
 
 
+class _AfterImport:
+    """A ``sys.meta_path`` finder that runs :func:`install` right after ``transformers.trainer`` is imported,
+    so a Trainer created after the model is built (and its resume, before any forward) is covered."""
+
+    name = "transformers.trainer"
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return None
+        exec_module = spec.loader.exec_module
+
+        def exec_then_install(module):
+            exec_module(module)
+            sys.modules[fullname] = module
+            install()
+
+        spec.loader.exec_module = exec_then_install
+        return spec
+
+
 def install() -> None:
     """Route the gradient functions above to autopar for its parameters (idempotent)."""
+    if "transformers.trainer" not in sys.modules and not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport())
     for owner, name, patch in _targets() + _trainer_targets():
         if (owner, name) not in _ORIGINALS:
             _ORIGINALS[(owner, name)] = getattr(owner, name)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import struct
 import sys
 from pathlib import Path
@@ -352,6 +353,8 @@ _USIZE_MAX = 2**64 - 1
 _MAX_JSON_DEPTH = 127
 """serde_json's recursion limit (128) as safetensors meets it: containers nested deeper are refused."""
 _FIELDS = ("dtype", "shape", "data_offsets")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+"""A ``\uD800``-``\uDFFF`` escape: only a header with one can hold a lone surrogate (serde refuses those)."""
 _DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
                "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
                "C64": 64, "F64": 64, "I64": 64, "U64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
@@ -444,33 +447,36 @@ def _open_header(fd: int, path: Path) -> tuple[int, dict[str, dict]]:
         raise _file_error(path, f"header ends after {len(raw)} of its {length} bytes: truncated")
     header = _parse_json(raw, path)
     entries = _check_header(header, path)
+    if _SURROGATE_ESCAPE.search(raw):
+        _check_surrogates(header, path)
     _check_layout(entries, size - 8 - length, path)
     return 8 + length, entries
 
 
-class _JsonObject(dict):
-    """A JSON object that keeps the pairs a repeated key overwrote (serde still parses those)."""
+class _Repeated(dict):
+    """A JSON object with a repeated key: the pairs the last ones overwrote, in ``dups`` (serde still
+    parses those, and refuses a repeated ``__metadata__``, ``dtype``, ``shape`` or ``data_offsets``)."""
 
     __slots__ = ("dups",)
 
-    @classmethod
-    def from_pairs(cls, pairs: list[tuple[str, object]]) -> _JsonObject:
-        obj = cls(pairs)
-        obj.dups = []
-        if len(obj) != len(pairs):
-            last = {key: i for i, (key, _) in enumerate(pairs)}
-            obj.dups = [pair for i, pair in enumerate(pairs) if last[pair[0]] != i]
+
+def _json_object(pairs: list[tuple[str, object]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
         return obj
+    last = {key: i for i, (key, _) in enumerate(pairs)}
+    repeated = _Repeated(obj)
+    repeated.dups = [pair for i, pair in enumerate(pairs) if last[pair[0]] != i]
+    return repeated
+
+
+def _dups(obj: dict) -> list[tuple[str, object]]:
+    return obj.dups if type(obj) is _Repeated else []
 
 
 def _json_int(text: str) -> int | float:
-    """An integer as serde_json reads it: ``-0`` is a float, one past i64/u64 an f64 (out of range: refused)."""
-    if text == "-0":
-        return -0.0
-    value = int(text)
-    if len(text) > 300:
-        float(value)  # OverflowError when no f64 holds it
-    return value
+    """An integer as serde_json reads it: ``-0`` is a float (so no usize)."""
+    return -0.0 if text == "-0" else int(text)
 
 
 def _json_float(text: str) -> float:
@@ -484,104 +490,113 @@ def _json_constant(text: str):
     raise ValueError(f"{text} is not JSON")
 
 
-def _parse_json(raw: bytes, path: Path) -> _JsonObject:
+def _parse_json(raw: bytes, path: Path) -> dict:
     """The header bytes as a JSON object, parsed as strictly as serde_json."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _file_error(path, f"header is not UTF-8 (bad byte at {exc.start})") from None
-    try:
-        header = json.loads(text, object_pairs_hook=_JsonObject.from_pairs, parse_int=_json_int,
-                            parse_float=_json_float, parse_constant=_json_constant)
+    try:  # json's own integers (faster) unless one may be "-0"
+        header = json.loads(text, object_pairs_hook=_json_object, parse_float=_json_float,
+                            parse_constant=_json_constant, parse_int=_json_int if "-0" in text else None)
     except (ValueError, OverflowError, RecursionError) as exc:
         raise _file_error(path, f"header is not valid JSON ({str(exc).splitlines()[0]})") from None
-    if not isinstance(header, _JsonObject):
+    if not isinstance(header, dict):
         raise _file_error(path, f"header is JSON {type(header).__name__} {_short(header)}, not an object "
                                 "{name: {dtype, shape, data_offsets}}")
     return header
 
 
-def _check_text(value: str, path: Path, tensor: str | None) -> None:
-    """serde_json refuses a lone UTF-16 surrogate escape (Python's json lets it through)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _file_error(path, f"header string {_short(value)} holds a lone surrogate (not UTF-8 JSON)",
-                          tensor) from None
+def _check_surrogates(value, path: Path, tensor: str | None = None) -> None:
+    """No string of the header holds a lone UTF-16 surrogate escape: serde_json refuses one, Python's
+    json lets it through (only called when the header has such an escape at all)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _file_error(path, f"header string {_short(value)} holds a lone surrogate (not UTF-8 JSON)",
+                              tensor) from None
+    elif isinstance(value, list):
+        for item in value:
+            _check_surrogates(item, path, tensor)
+    elif isinstance(value, dict):
+        for key, item in [*value.items(), *_dups(value)]:
+            name = key if tensor is None and key != "__metadata__" else tensor
+            _check_surrogates(key, path, name)
+            _check_surrogates(item, path, name)
 
 
-def _check_header(header: _JsonObject, path: Path) -> dict[str, dict]:
+def _check_header(header: dict, path: Path) -> dict[str, dict]:
     """Each tensor entry of ``header`` (repeated names too: the last one wins) and its ``__metadata__``."""
-    if any(key == "__metadata__" for key, _ in header.dups):
+    if any(key == "__metadata__" for key, _ in _dups(header)):
         raise _file_error(path, "header repeats __metadata__")
     meta = header.get("__metadata__")
     if meta is not None:
-        pairs = list(meta.items()) + meta.dups if isinstance(meta, _JsonObject) else None
-        if pairs is None or not all(isinstance(v, str) for _, v in pairs):
+        pairs = [*meta.items(), *_dups(meta)] if isinstance(meta, dict) else None
+        if pairs is None or not all(type(v) is str for _, v in pairs):
             raise _file_error(path, f"__metadata__ {_short(meta)} is not a map of strings to strings")
-        for key, value in pairs:
-            _check_text(key, path, None)
-            _check_text(value, path, None)
-    for name, value in header.dups:
+    for name, value in _dups(header):
         _check_entry(name, value, path)
     return {name: _check_entry(name, value, path) for name, value in header.items() if name != "__metadata__"}
 
 
 def _check_entry(name: str, value, path: Path) -> dict:
-    """One tensor's ``{dtype, shape, data_offsets}`` (or serde's list form), normalised."""
-    _check_text(name, path, None)
-    if isinstance(value, list) and len(value) == 3:
-        fields, extra = value, []
-    elif isinstance(value, _JsonObject):
-        repeated = [key for key, _ in value.dups if key in _FIELDS]
+    """One tensor's ``{dtype, shape, data_offsets}`` (or serde's list form), normalised; its byte range
+    is checked by :func:`_check_layout` (only the last of a repeated name's entries)."""
+    if isinstance(value, dict):
+        repeated = [key for key, _ in _dups(value) if key in _FIELDS]
         missing = [key for key in _FIELDS if key not in value]
         if repeated or missing:
             problem = f"repeats the field {repeated[0]}" if repeated else f"has no field {missing[0]}"
             raise _file_error(path, f"entry {problem}", name)
-        fields = [value[key] for key in _FIELDS]
-        extra = [(k, v) for k, v in value.items() if k not in _FIELDS] + value.dups
+        dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
+        if len(value) > 3 or type(value) is _Repeated:  # unknown fields: ignored, but serde reads them
+            _check_extra(value, 1, path, name)
+    elif isinstance(value, list) and len(value) == 3:
+        dtype, shape, offsets = value
     else:
         raise _file_error(path, f"entry {_short(value)} is not an object {{dtype, shape, data_offsets}}", name)
-    for key, item in extra:  # unknown fields are ignored, but must still be JSON serde reads
-        _check_extra(key, 2, path, name)
-        _check_extra(item, 2, path, name)
-    dtype, shape, offsets = _dtype_name(fields[0]), fields[1], fields[2]
-    if dtype is None:
-        raise _file_error(path, f"dtype {_short(fields[0])} is unknown (safetensors knows "
-                                f"{', '.join(_DTYPE_BITS)})", name)
-    if not isinstance(shape, list) or not all(_is_usize(n) for n in shape):
+    if type(dtype) is not str or dtype not in _DTYPE_BITS:
+        dtype = _dtype_name(dtype, path, name)
+    if not _usizes(shape):
         raise _file_error(path, f"shape {_short(shape)} is not a list of non-negative integers", name)
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_usize(n) for n in offsets)):
+    if not (_usizes(offsets) and len(offsets) == 2):
         raise _file_error(path, f"data_offsets {_short(offsets)} is not two non-negative integers "
                                 "[begin, end]", name)
-    if offsets[0] > offsets[1]:
-        raise _file_error(path, f"data_offsets {offsets} begin after they end", name)
     return {"dtype": dtype, "shape": tuple(shape), "data_offsets": tuple(offsets)}
 
 
-def _is_usize(value) -> bool:
-    return type(value) is int and 0 <= value <= _USIZE_MAX
+def _usizes(value) -> bool:
+    """``value`` is a list of Rust ``usize`` (no bool, float or negative)."""
+    return type(value) is list and (not value or (set(map(type, value)) == {int}
+                                                  and min(value) >= 0 and max(value) <= _USIZE_MAX))
 
 
-def _dtype_name(value) -> str | None:
-    """A safetensors dtype name, also in serde's ``{"F32": null}`` form; None if it is not one."""
-    if isinstance(value, _JsonObject) and len(value) == 1 and not value.dups:
+def _dtype_name(value, path: Path, name: str) -> str:
+    """A safetensors dtype name, also in serde's ``{"F32": null}`` form."""
+    if type(value) is dict and len(value) == 1:
         ((key, unit),) = value.items()
-        value = key if unit is None else None
-    return value if isinstance(value, str) and value in _DTYPE_BITS else None
+        if unit is None and key in _DTYPE_BITS:
+            return key
+    raise _file_error(path, f"dtype {_short(value)} is unknown (safetensors knows {', '.join(_DTYPE_BITS)})", name)
 
 
 def _check_extra(value, depth: int, path: Path, tensor: str) -> None:
-    """An ignored field of a tensor entry (at nesting ``depth``): no lone surrogate, not nested too deep."""
-    if isinstance(value, str):
-        _check_text(value, path, tensor)
-    elif isinstance(value, (list, _JsonObject)):
-        if depth + 1 > _MAX_JSON_DEPTH:
-            raise _file_error(path, f"header nests deeper than {_MAX_JSON_DEPTH} levels (not JSON serde "
-                                    "reads)", tensor)
-        items = value if isinstance(value, list) else [x for pair in [*value.items(), *value.dups] for x in pair]
-        for item in items:
-            _check_extra(item, depth + 1, path, tensor)
+    """A tensor entry with unknown (ignored) fields, or a part of one at nesting ``depth``: serde still
+    reads them, so no nesting past :data:`_MAX_JSON_DEPTH` and no number past f64."""
+    if type(value) is int:
+        try:
+            float(value)
+        except OverflowError:
+            raise _file_error(path, f"header number {_short(value)} is out of range (past f64)", tensor) from None
+    if not isinstance(value, (list, dict)):
+        return
+    if depth + 1 > _MAX_JSON_DEPTH:
+        raise _file_error(path, f"header nests deeper than {_MAX_JSON_DEPTH} levels (not JSON serde reads)",
+                          tensor)
+    items = value if isinstance(value, list) else [item for pair in (*value.items(), *_dups(value)) for item in pair]
+    for item in items:
+        _check_extra(item, depth + 1, path, tensor)
 
 
 def _entry_bytes(entry: dict) -> int | None:
@@ -602,18 +617,20 @@ def _check_layout(entries: dict[str, dict], data_bytes: int, path: Path) -> None
     """Each tensor's byte range is its shape x dtype, and the ranges, sorted by offset, cover the data
     buffer (``data_bytes``, the file after the header) from 0 to its end: no overlap, hole or slack."""
     start, before = 0, None
-    for name, entry in sorted(entries.items(), key=lambda item: item[1]["data_offsets"]):
-        begin, end = entry["data_offsets"]
+    for (begin, end), name in sorted((entry["data_offsets"], name) for name, entry in entries.items()):
         if begin != start:
-            after = f"after tensor {before!r}, which ends at {start}" if before is not None else "the data starts at 0"
+            after = f"tensor {before!r} ends at {start}" if before is not None else "the data starts at 0"
             problem = "overlaps the tensor before it" if begin < start else f"leaves a hole of {begin - start} bytes"
             raise _file_error(path, f"data_offsets [{begin}, {end}] {problem} ({after})", name)
+        if end < begin:
+            raise _file_error(path, f"data_offsets [{begin}, {end}] begin after they end", name)
+        entry = entries[name]
         want = _entry_bytes(entry)
         if want != end - begin:
             held = "no whole number of bytes" if want is None else f"{want} bytes"
             raise _file_error(path, f"dtype {entry['dtype']} x shape {list(entry['shape'])} is {held} but "
-                                    f"data_offsets [{begin}, {end}] hold {end - begin}: dtype or shape do not "
-                                    "match the byte range", name)
+                                    f"data_offsets [{begin}, {end}] hold {end - begin}: dtype or shape do "
+                                    "not match the byte range", name)
         start, before = end, name
     if start != data_bytes:
         problem = "truncated" if start > data_bytes else f"{data_bytes - start} bytes after the last tensor"

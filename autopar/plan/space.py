@@ -7,6 +7,7 @@ by the ILP (autopar.plan.split) for the candidates that survive pruning.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from autopar.cluster import ClusterSpec
@@ -45,7 +46,9 @@ class Candidate:
 
 
 def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """Divisors of ``n`` in increasing order, in O(sqrt(n)) steps (n may be a batch of 2**30)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 def tp_options(profile: ModelProfile, cluster: ClusterSpec, world: int, pins: Pins) -> list[int]:

@@ -3,11 +3,13 @@
     python trainer_worker.py OUT KIND reference BATCH     # one process, per-device batch BATCH, no autopar
     torchrun --nproc-per-node 4 trainer_worker.py OUT KIND "tp=2 pp=2" 2 [use_cpu]
 
-TrainingArguments are the defaults but for output_dir, the per-device batch, max_steps, the learning rate
-and (the saving of issue 8 being separate) save_strategy="no". With ``use_cpu`` accelerate treats the
-torchrun launch as distributed (as it does on GPUs): each rank's loader yields its shard, which autopar joins
-into the global batch, so one process with 4x the per-device batch is the reference. Without it (the
-default on a CPU machine) every rank sees the same batches: the global batch is one rank's.
+TrainingArguments are the defaults but for output_dir, the per-device batch, max_steps and the learning
+rate (so the Trainer saves a checkpoint at the end, and with ``save_steps=2`` one at step 2 too). With
+``use_cpu`` accelerate treats the torchrun launch as distributed (as it does on GPUs): each rank's loader
+yields its shard, which autopar joins into the global batch, so one process with 4x the per-device batch is
+the reference. Without it (the default on a CPU machine) every rank sees the same batches: the global batch
+is one rank's. With ``resume`` the run restarts from the step-2 checkpoint of an earlier run of the same
+layout and trains the last 2 steps.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class Data(torch.utils.data.Dataset):
 def main() -> None:
     out, kind, layout, batch = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
     use_cpu = "use_cpu" in sys.argv[5:]
+    resume = "resume" in sys.argv[5:]
+    save_steps = 2 if "save_steps=2" in sys.argv[5:] else 500  # 500: TrainingArguments' default
     parallel = layout != "reference"
     if parallel:
         import autopar
@@ -54,17 +58,19 @@ def main() -> None:
         autopar.enable_advanced_parallelization(log_every=0, seq_len=SEQ, **parse(layout))
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config(kind))
-    args = transformers.TrainingArguments(output_dir=str(out / f"run_{kind}"), per_device_train_batch_size=batch,
-                                          max_steps=STEPS, learning_rate=1e-3, save_strategy="no",
+    tag = f"{kind}.{layout.replace(' ', '_')}{'.cpu' if use_cpu else ''}"
+    run_dir = out / f"run_{tag}"
+    args = transformers.TrainingArguments(output_dir=str(run_dir), per_device_train_batch_size=batch,
+                                          max_steps=STEPS, learning_rate=1e-3, save_steps=save_steps,
                                           report_to=[], logging_steps=1, use_cpu=use_cpu)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Data())
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(run_dir / "checkpoint-2") if resume else None)
+    tag += ".resumed" if resume else ""
     logs = [x for x in trainer.state.log_history if "loss" in x]
     rank = int(os.environ.get("RANK", "0"))
     from autopar.execute.state import full_state_dict
 
     state = full_state_dict(model) if parallel else {k: v.detach().clone() for k, v in model.state_dict().items()}
-    tag = f"{kind}.{layout.replace(' ', '_')}{'.cpu' if use_cpu else ''}"
     if not parallel:
         torch.save({"losses": [x["loss"] for x in logs], "norms": [x["grad_norm"] for x in logs], "state": state},
                    out / f"trainer_ref_{kind}_{batch}.pt")
@@ -78,7 +84,8 @@ def main() -> None:
         diffs[name] = float((value - want).abs().max() / want.abs().max().clamp_min(1e-12))
     result = {"losses": [x["loss"] for x in logs], "norms": [x["grad_norm"] for x in logs],
               "ref_losses": ref["losses"], "ref_norms": ref["norms"], "param_rel_diff": diffs,
-              "ref_names": sorted(ref["state"]), "plan": model._autopar.plan.describe()}
+              "ref_names": sorted(ref["state"]), "plan": model._autopar.plan.describe(),
+              "checkpoints": sorted(p.name for p in run_dir.glob("checkpoint-*"))}
     (out / f"trainer.{tag}.rank{rank}.json").write_text(json.dumps(result))
 
 
