@@ -105,6 +105,10 @@ class SafetensorsSource:
     ``bytes_read`` counts the file bytes read, ``bytes_used`` the bytes of the
     boxes asked for (the tensors' stored dtype) and ``whole_reads`` the calls
     of ``get``: what a rank really read.
+
+    Opening checks the index and every file's whole header, reading no tensor:
+    what safetensors refuses raises :class:`AutoparError` naming the file and
+    the tensor ([Note: safetensors validation]).
     """
 
     def __init__(self, folder: Path, aliases: dict[str, str]):
@@ -354,7 +358,8 @@ _MAX_JSON_DEPTH = 127
 """serde_json's recursion limit (128) as safetensors meets it: containers nested deeper are refused."""
 _FIELDS = ("dtype", "shape", "data_offsets")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-"""A ``\uD800``-``\uDFFF`` escape: only a header with one can hold a lone surrogate (serde refuses those)."""
+"""A JSON escape of a UTF-16 surrogate (U+D800 to U+DFFF): only a header with one can hold a lone
+surrogate, which serde refuses."""
 _DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
                "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
                "C64": 64, "F64": 64, "I64": 64, "U64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
@@ -373,6 +378,10 @@ def _index_error(index: Path, what: str) -> AutoparError:
     """One line naming the index file, what is wrong and the fix."""
     fix = "fix its weight_map or re-save the checkpoint with save_pretrained"
     return AutoparError(f"{index} {what}; {fix}".replace("\n", "\\n"))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def _short(value) -> str:
@@ -398,7 +407,7 @@ def _read_index(folder: Path) -> dict[str, str] | None:
     try:
         data = json.loads(index.read_bytes().decode("utf-8"))
     except (ValueError, RecursionError) as exc:
-        raise _index_error(index, f"is not UTF-8 JSON ({str(exc).splitlines()[0]})") from None
+        raise _index_error(index, f"is not UTF-8 JSON ({_first_line(exc)})") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
         raise _index_error(index, 'has no "weight_map" object {tensor name: shard file name}')
@@ -461,6 +470,7 @@ class _Repeated(dict):
 
 
 def _json_object(pairs: list[tuple[str, object]]) -> dict:
+    """``object_pairs_hook``: a dict, or a :class:`_Repeated` when a key repeats."""
     obj = dict(pairs)
     if len(obj) == len(pairs):
         return obj
@@ -471,6 +481,7 @@ def _json_object(pairs: list[tuple[str, object]]) -> dict:
 
 
 def _dups(obj: dict) -> list[tuple[str, object]]:
+    """The pairs a repeated key of ``obj`` overwrote (none for most objects)."""
     return obj.dups if type(obj) is _Repeated else []
 
 
@@ -480,6 +491,7 @@ def _json_int(text: str) -> int | float:
 
 
 def _json_float(text: str) -> float:
+    """A number as serde_json reads it: past f64 (inf) is out of range."""
     value = float(text)
     if value in (float("inf"), float("-inf")):
         raise ValueError(f"number out of range: {text[:20]}")
@@ -487,6 +499,7 @@ def _json_float(text: str) -> float:
 
 
 def _json_constant(text: str):
+    """NaN and Infinity are not JSON (Python's json takes them, serde_json does not)."""
     raise ValueError(f"{text} is not JSON")
 
 
@@ -500,7 +513,7 @@ def _parse_json(raw: bytes, path: Path) -> dict:
         header = json.loads(text, object_pairs_hook=_json_object, parse_float=_json_float,
                             parse_constant=_json_constant, parse_int=_json_int if "-0" in text else None)
     except (ValueError, OverflowError, RecursionError) as exc:
-        raise _file_error(path, f"header is not valid JSON ({str(exc).splitlines()[0]})") from None
+        raise _file_error(path, f"header is not valid JSON ({_first_line(exc)})") from None
     if not isinstance(header, dict):
         raise _file_error(path, f"header is JSON {type(header).__name__} {_short(header)}, not an object "
                                 "{name: {dtype, shape, data_offsets}}")
@@ -543,27 +556,35 @@ def _check_header(header: dict, path: Path) -> dict[str, dict]:
 def _check_entry(name: str, value, path: Path) -> dict:
     """One tensor's ``{dtype, shape, data_offsets}`` (or serde's list form), normalised; its byte range
     is checked by :func:`_check_layout` (only the last of a repeated name's entries)."""
-    if isinstance(value, dict):
-        repeated = [key for key, _ in _dups(value) if key in _FIELDS]
-        missing = [key for key in _FIELDS if key not in value]
-        if repeated or missing:
-            problem = f"repeats the field {repeated[0]}" if repeated else f"has no field {missing[0]}"
-            raise _file_error(path, f"entry {problem}", name)
-        dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
-        if len(value) > 3 or type(value) is _Repeated:  # unknown fields: ignored, but serde reads them
-            _check_extra(value, 1, path, name)
-    elif isinstance(value, list) and len(value) == 3:
-        dtype, shape, offsets = value
-    else:
-        raise _file_error(path, f"entry {_short(value)} is not an object {{dtype, shape, data_offsets}}", name)
+    dtype, shape, offsets = _entry_fields(name, value, path)
     if type(dtype) is not str or dtype not in _DTYPE_BITS:
         dtype = _dtype_name(dtype, path, name)
     if not _usizes(shape):
         raise _file_error(path, f"shape {_short(shape)} is not a list of non-negative integers", name)
-    if not (_usizes(offsets) and len(offsets) == 2):
+    if not _usizes(offsets) or len(offsets) != 2:
         raise _file_error(path, f"data_offsets {_short(offsets)} is not two non-negative integers "
                                 "[begin, end]", name)
     return {"dtype": dtype, "shape": tuple(shape), "data_offsets": tuple(offsets)}
+
+
+def _entry_fields(name: str, value, path: Path) -> tuple:
+    """The (dtype, shape, data_offsets) of an entry, an object or serde's list ``[dtype, shape, offsets]``."""
+    if type(value) is dict and len(value) == 3:  # the usual entry: no repeated or unknown field
+        try:
+            return value["dtype"], value["shape"], value["data_offsets"]
+        except KeyError:
+            pass
+    if isinstance(value, list) and len(value) == 3:
+        return tuple(value)
+    if not isinstance(value, dict):
+        raise _file_error(path, f"entry {_short(value)} is not an object {{dtype, shape, data_offsets}}", name)
+    repeated = [key for key, _ in _dups(value) if key in _FIELDS]
+    missing = [key for key in _FIELDS if key not in value]
+    if repeated or missing:
+        problem = f"repeats the field {repeated[0]}" if repeated else f"has no field {missing[0]}"
+        raise _file_error(path, f"entry {problem}", name)
+    _check_extra(value, 1, path, name)  # unknown fields: ignored, but serde still reads them
+    return value["dtype"], value["shape"], value["data_offsets"]
 
 
 def _usizes(value) -> bool:
@@ -618,16 +639,16 @@ def _check_layout(entries: dict[str, dict], data_bytes: int, path: Path) -> None
     buffer (``data_bytes``, the file after the header) from 0 to its end: no overlap, hole or slack."""
     start, before = 0, None
     for (begin, end), name in sorted((entry["data_offsets"], name) for name, entry in entries.items()):
+        if end < begin:
+            raise _file_error(path, f"data_offsets [{begin}, {end}] begin after they end", name)
         if begin != start:
             after = f"tensor {before!r} ends at {start}" if before is not None else "the data starts at 0"
             problem = "overlaps the tensor before it" if begin < start else f"leaves a hole of {begin - start} bytes"
             raise _file_error(path, f"data_offsets [{begin}, {end}] {problem} ({after})", name)
-        if end < begin:
-            raise _file_error(path, f"data_offsets [{begin}, {end}] begin after they end", name)
         entry = entries[name]
         want = _entry_bytes(entry)
         if want != end - begin:
-            held = "no whole number of bytes" if want is None else f"{want} bytes"
+            held = "past 64 bits or no whole number of bytes" if want is None else f"{want} bytes"
             raise _file_error(path, f"dtype {entry['dtype']} x shape {list(entry['shape'])} is {held} but "
                                     f"data_offsets [{begin}, {end}] hold {end - begin}: dtype or shape do "
                                     "not match the byte range", name)
