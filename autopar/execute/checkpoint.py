@@ -71,7 +71,9 @@ def _stage_params(runtime) -> list[tuple[str, torch.nn.Parameter]]:
     from autopar.execute.weights import tied_aliases
 
     aliases = tied_aliases(type(runtime.model), runtime.model.config)
-    return [(n, p) for n, p in runtime.model.named_parameters() if n not in aliases]
+    later_stage = runtime.plan.pp > 1 and runtime.layout.pp_rank != 0  # its tied head is the first stage's
+    return [(n, p) for n, p in runtime.model.named_parameters()
+            if n not in aliases and not (later_stage and n in aliases.values())]
 
 
 def _canonical(runtime, name: str, param) -> torch.Tensor:

@@ -200,6 +200,19 @@ def _tie_group(model, family: Family, layout, rt: Runtime):
     return mine, param
 
 
+def _name_tied_head_canonically(model: nn.Module, family: Family, head: nn.Parameter) -> None:
+    """On the last stage, name the tied head's weight as the embedding it is (``transformer.wte.weight``).
+
+    One device holds one tensor for both; its optimizer state is keyed by the embedding's name. A
+    module holding the head's parameter under the embedding's attribute makes ``named_parameters``
+    (and so torch DCP's optimizer keys) say the same on this stage, so checkpoints resume across
+    layouts with and without pipeline stages. It is not called: the first stage runs the embedding.
+    """
+    holder = nn.Module()
+    holder.weight = head
+    setattr(getattr(model, family.base), family.names[0].split(".")[-1], holder)
+
+
 def _check_tp_placement(layout, rt: Runtime) -> None:
     """Log where the TP groups landed; warn if one spans nodes without the plan saying so."""
     if layout.mesh is None or layout.plan.tp == 1:
@@ -255,6 +268,8 @@ def build_parallel(model_cls, config, source, rt: Runtime, options: ParallelOpti
         fill_from(model, family, source, plan.tp, converted, rt.device)
     model.train(training)
     tie_group, tied_param = _tie_group(model, family, layout, rt) if family else (None, None)
+    if tied_param is not None and layout.pp_rank != 0:
+        _name_tied_head_canonically(model, family, tied_param)
     runtime = ParallelRuntime(model=model, family=family, plan=plan, layout=layout, rt=rt, stages=stages,
                               options=options, model_flops_per_token=planned.flops_per_token,
                               tie_group=tie_group, tied_param=tied_param, converted=frozenset(converted),
