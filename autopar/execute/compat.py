@@ -75,14 +75,32 @@ def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
     return gradients.unscale_and_find_inf(ours, inv_scale, found_inf, allow_fp16)
 
 
+def _dcp_verify_options(model, optims, optim_only, *, submodules=None, options=None):
+    """torch DCP's ``get/set_(optimizer_)state_dict`` for an autopar model: the optimizer state keyed by
+    parameter name (``flatten_optimizer_state_dict``, as torchtitan does), since pipeline stages hold other
+    parameters in param groups of the same index, which DCP's index-keyed default would merge."""
+    import dataclasses
+
+    from torch.distributed.checkpoint import state_dict as dcp_state_dict
+
+    original = _ORIGINALS[(dcp_state_dict, "_verify_options")]
+    if hasattr(model, "_autopar"):
+        options = dataclasses.replace(options or dcp_state_dict.StateDictOptions(),
+                                      flatten_optimizer_state_dict=True)
+    return original(model, optims, optim_only, submodules=submodules, options=options)
+
+
 def _targets() -> list[tuple[object, str, object]]:
+    from torch.distributed.checkpoint import state_dict as dcp_state_dict
+
     clip = torch.nn.utils.clip_grad
     utils = torch.nn.utils
     return [(clip, "_get_total_norm", _get_total_norm), (utils, "get_total_norm", _get_total_norm),
             (clip, "_clip_grads_with_norm_", _clip_grads_with_norm_),
             (utils, "clip_grads_with_norm_", _clip_grads_with_norm_),
             (clip, "clip_grad_value_", _clip_grad_value_), (utils, "clip_grad_value_", _clip_grad_value_),
-            (torch.amp.GradScaler, "_unscale_grads_", _unscale_grads_)]
+            (torch.amp.GradScaler, "_unscale_grads_", _unscale_grads_),
+            (dcp_state_dict, "_verify_options", _dcp_verify_options)]
 
 
 def _trainer_clip_grad_norm(self, model):
