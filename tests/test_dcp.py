@@ -45,3 +45,21 @@ def test_resume_under_another_layout_continues_the_run(moved, kind, save, load):
         rest = json.loads((moved / f"dcp_{kind}_resume_{load[1].replace(' ', '_')}.rank{rank}.json").read_text())
         for got, want in zip(first + rest, ref, strict=True):
             assert abs(got - want) <= 1e-5 * want, (kind, save, load, first + rest, ref)
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    """Rank 1 is SIGKILLed mid-step 3 (pp2, a DCP checkpoint after every step); the relaunch loses only step 3,
+    redoes it and ends with the uninterrupted run's losses."""
+    check(python("dcp_worker.py", str(tmp_path), "reference", "llama"))
+    killed = torchrun(2, "restart_worker.py", str(tmp_path), "3", timeout=300)
+    assert killed.returncode != 0  # the launch ended with its killed worker
+    check(torchrun(2, "restart_worker.py", str(tmp_path), "3", timeout=300))
+    ref = json.loads((tmp_path / "dcp_ref_llama.json").read_text())
+    for rank in (0, 1):
+        first = json.loads((tmp_path / f"restart.first.rank{rank}.json").read_text())
+        second = json.loads((tmp_path / f"restart.second.rank{rank}.json").read_text())
+        assert [s for s, _ in second] == [3, 4, 5]  # the last checkpoint was step 2's: only step 3 is lost
+        losses = {s: v for s, v in first if s < 3} | dict(second)
+        for step, want in enumerate(ref):
+            assert abs(losses[step] - want) <= 1e-5 * want, (step, losses, ref)
