@@ -92,6 +92,8 @@ def test_habits_work_or_fail_in_one_line_on_every_rank(tmp_path):
 @pytest.mark.parametrize("kind,message", [
     ("version", "rank 1 differs from rank 0 in autopar: '0.0.0-other' != "),
     ("options", "rank 1 differs from rank 0 in options"),
+    ("dtype", "rank 1 differs from rank 0 in dtype: 'torch.bfloat16' != 'torch.float32'; load the model in the same"),
+    ("disable", "rank(s) [1] set AUTOPAR_DISABLE=1, while the other ranks of this launch run autopar"),
 ])
 def test_ranks_that_disagree_fail_fast(tmp_path, kind, message):
     start = time.perf_counter()
@@ -100,6 +102,8 @@ def test_ranks_that_disagree_fail_fast(tmp_path, kind, message):
     assert proc.returncode != 0
     assert message in proc.stderr
     assert elapsed < 60, elapsed  # 8-9 s measured: torchrun, imports; the check itself is one all_gather
+    if kind == "disable":  # both ranks fail: the disabled one and the one that runs autopar
+        assert proc.stderr.count("set AUTOPAR_DISABLE=1, while the other ranks") >= 2, proc.stderr[-3000:]
 
 
 def test_no_plan_fits_fails_before_allocating(tmp_path, monkeypatch):

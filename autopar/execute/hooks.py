@@ -135,8 +135,12 @@ def enable(**options) -> None:
 
     from transformers import PreTrainedModel
 
+    from autopar.execute.agree import announce
+
     opts = ParallelOptions.from_kwargs(options)
-    if os.environ.get(DISABLE_ENV, "").lower() in ("1", "true", "yes"):
+    disabled = os.environ.get(DISABLE_ENV, "").lower() in ("1", "true", "yes")
+    announce(enabled=not disabled)
+    if disabled:
         return
     _state["options"] = opts
     if "originals" in _state:

@@ -162,7 +162,7 @@ def plan_everywhere(config, rt: Runtime, options: ParallelOptions, dtype: torch.
         summary.append(line)
         return plan
 
-    plan = agree_on_plan(make, options_json=options.to_json(), config_json=config_json(config))
+    plan = agree_on_plan(make, options_json=options.to_json(), config_json=config_json(config), dtype=str(dtype))
     flops = profile.model_flops_per_seq() / seq if profile is not None else 0.0
     return Planned(plan, flops, _fallback_reason(config), summary[0] if summary else plan.describe())
 
@@ -312,6 +312,9 @@ def _register_gradients(model: nn.Module, plan: Plan, tied_param, rt: Runtime) -
 def parallelize_config(model_cls, config, source_factory, options: ParallelOptions, *, dtype: torch.dtype,
                        training: bool) -> nn.Module:
     """Plan, then build from ``source_factory()`` -> (source, whole model or None)."""
+    from autopar.execute.agree import check_every_rank_enabled
+
+    check_every_rank_enabled()  # before the first collective: a rank without autopar would never join it
     rt = detect_runtime()
     _setup_logging(rt)
     planned = plan_everywhere(config, rt, options, dtype)

@@ -161,8 +161,14 @@ def mismatch(kind: str) -> None:
         autopar.__version__ = "0.0.0-other"
     if RANK == 1 and kind == "options":
         options["pp"] = 2
+    if RANK == 1 and kind == "disable":
+        os.environ["AUTOPAR_DISABLE"] = "1"
     autopar.enable_advanced_parallelization(**options)
-    transformers.AutoModelForCausalLM.from_config(config("llama"))
+    model = transformers.AutoModelForCausalLM.from_config(config("llama"),
+                                                          dtype=torch.bfloat16 if RANK == 1 and kind == "dtype"
+                                                          else torch.float32)
+    ids, mask, labels = batches()[0]
+    model(ids, attention_mask=mask, labels=labels, use_cache=False).loss.backward()
 
 
 def main() -> None:
