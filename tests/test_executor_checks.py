@@ -130,7 +130,7 @@ def test_no_plan_fits_fails_before_allocating(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("options,message", [
-    ({"tp": 0}, "autopar option tp=0: must be a positive integer"),
+    ({"tp": 0}, "autopar option tp=0: use a whole number from 1 to"),
     ({"schedule": "zigzag"}, "autopar option schedule='zigzag': use one of gpipe, 1f1b, interleaved_1f1b"),
     ({"memory_headroom": 1.5}, r"memory_headroom=1.5: use a fraction in \[0, 1\)"),
     ({"tensor_parallel": 2}, "unknown autopar option"),

@@ -18,6 +18,14 @@ DEFAULT_SEQ_LEN = 2048
 """Sequence length the layout is planned for when no hint is given (capped by the model's context)."""
 
 
+MAX_DEGREE = 2**20
+"""Largest data/tensor/pipeline degree or micro-batch setting accepted (a million ranks)."""
+_INT_BOUNDS = {"global_batch_size": 2**30, "seq_len": 2**24, "dp": MAX_DEGREE, "tp": MAX_DEGREE,
+               "pp": MAX_DEGREE, "micro_batch_size": 2**30, "virtual_stages": 2**10}
+"""Upper bounds of the integer options: far above any real run, low enough that no planner loop over a
+user-given count runs unbounded (2**30 sequences, 2**24 tokens per sequence, 1024 chunks per rank)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class ParallelOptions:
     """``autopar.enable_advanced_parallelization(**options)`` / ``autopar.parallelize(model, **options)``.
@@ -65,10 +73,16 @@ class ParallelOptions:
     passed (runs on the last pipeline stage); autopar divides by the global count of ``labels != -100``."""
 
     def __post_init__(self) -> None:
-        for name in ("global_batch_size", "seq_len", "dp", "tp", "pp", "micro_batch_size", "virtual_stages"):
+        for name, most in _INT_BOUNDS.items():
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise AutoparError(f"autopar option {name}={value!r}: must be a positive integer or None")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most):
+                raise AutoparError(f"autopar option {name}={value!r}: use a whole number from 1 to {most:,} "
+                                   "(or leave it out to let autopar choose)")
+        for name in ("check_batch",):
+            if not isinstance(getattr(self, name), bool):
+                raise AutoparError(f"autopar option {name}={getattr(self, name)!r}: use True or False")
+        if self.cluster is not None and not isinstance(self.cluster, str):
+            raise AutoparError(f"autopar option cluster={self.cluster!r}: use a preset name or a JSON file path")
         if self.schedule is not None and self.schedule not in {s.value for s in Schedule}:
             raise AutoparError(f"autopar option schedule={self.schedule!r}: use one of "
                                f"{', '.join(s.value for s in Schedule)}")
