@@ -14,6 +14,7 @@ largest difference from the reference after the last step.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -55,10 +56,21 @@ class Run:
             autopar.disable_advanced_parallelization()
 
 
-def _step(model, optim, ids, mask, labels):
+def _step(model, ids, mask, labels):
     out = model(ids, attention_mask=mask, labels=labels, use_cache=False)
     out[0].backward()
     return out[0]
+
+
+def _train(model, data) -> list[float]:
+    """The seed's loop over ``data``: forward and backward, AdamW step, zero_grad; the losses."""
+    optim = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses = []
+    for ids, mask, labels in data:
+        losses.append(_step(model, ids, mask, labels).item())
+        optim.step()
+        model.zero_grad(set_to_none=True)
+    return losses
 
 
 def clip_norm(kind: str, run: Run) -> dict:
@@ -67,7 +79,7 @@ def clip_norm(kind: str, run: Run) -> dict:
     optim = torch.optim.AdamW(model.parameters(), lr=LR)
     losses, norms = [], []
     for ids, mask, labels in batches()[:STEPS]:
-        loss = _step(model, optim, ids, mask, labels)
+        loss = _step(model, ids, mask, labels)
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)))
         optim.step()
         model.zero_grad(set_to_none=True)
@@ -82,7 +94,7 @@ def clip_value(kind: str, run: Run) -> dict:
     optim = torch.optim.AdamW(model.parameters(), lr=LR)
     losses = []
     for ids, mask, labels in batches()[:STEPS]:
-        losses.append(_step(model, optim, ids, mask, labels).item())
+        losses.append(_step(model, ids, mask, labels).item())
         clip_grad_value_(model.parameters(), 0.005)
         optim.step()
         model.zero_grad(set_to_none=True)
@@ -167,15 +179,7 @@ def sharded_data(kind: str, run: Run) -> dict:
                                                                                        (step + 1) * per_rank)]
         loader = torch.utils.data.DataLoader([data[i] for i in order], batch_size=BATCH)
     model = run.build(kind)
-    optim = torch.optim.AdamW(model.parameters(), lr=LR)
-    losses = []
-    for step, (ids, mask, labels) in enumerate(loader):
-        if step == STEPS:
-            break
-        losses.append(_step(model, optim, ids, mask, labels).item())
-        optim.step()
-        model.zero_grad(set_to_none=True)
-    return {"model": model, "losses": losses}
+    return {"model": model, "losses": _train(model, itertools.islice(loader, STEPS))}
 
 
 def last_batch(kind: str, run: Run) -> dict:
@@ -183,25 +187,13 @@ def last_batch(kind: str, run: Run) -> dict:
     rows = torch.cat([torch.stack(b) for b in batches()], dim=1)[:, : 3 * BATCH + 6]
     loader = torch.utils.data.DataLoader(list(zip(*rows)), batch_size=BATCH, drop_last=False)
     model = run.build(kind)
-    optim = torch.optim.AdamW(model.parameters(), lr=LR)
-    losses = []
-    for ids, mask, labels in loader:
-        losses.append(_step(model, optim, ids, mask, labels).item())
-        optim.step()
-        model.zero_grad(set_to_none=True)
-    return {"model": model, "losses": losses, "rows": [len(b[0]) for b in loader]}
+    return {"model": model, "losses": _train(model, loader), "rows": [len(b[0]) for b in loader]}
 
 
 def rank_seeds(kind: str, run: Run) -> dict:
     """``torch.manual_seed(rank)`` before from_config (a DDP habit): one process is seed 0."""
     model = run.build(kind, seed=run.rank)
-    optim = torch.optim.AdamW(model.parameters(), lr=LR)
-    losses = []
-    for ids, mask, labels in batches()[:STEPS]:
-        losses.append(_step(model, optim, ids, mask, labels).item())
-        optim.step()
-        model.zero_grad(set_to_none=True)
-    return {"model": model, "losses": losses}
+    return {"model": model, "losses": _train(model, batches()[:STEPS])}
 
 
 def dropout(kind: str, run: Run) -> dict:
@@ -213,12 +205,8 @@ def dropout(kind: str, run: Run) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = run.build(kind, cfg)
-    optim = torch.optim.AdamW(model.parameters(), lr=LR)
-    losses = []
-    for ids, mask, labels in batches()[:STEPS]:
-        losses.append(_step(model, optim, ids, mask, labels).item())
-        optim.step()
-        model.zero_grad(set_to_none=True)
+    losses = _train(model, batches()[:STEPS])
+
     def tp_replicated(p) -> bool:
         mesh = getattr(p, "device_mesh", None)
         return mesh is None or "tp" not in (mesh.mesh_dim_names or ())
