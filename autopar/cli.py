@@ -7,16 +7,70 @@ here), so a plan shows in about a second.
 
 from __future__ import annotations
 
+import re
 import sys
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from autopar.errors import AutoparError
+from autopar.schema import EXPLAIN_OPTIONS, RUN_OPTIONS, check_options, escape_text, show
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+_UsageError = typer.BadParameter.__base__
+"""click's UsageError (typer vendors click from 0.16 on; BadParameter is public in both)."""
+_LONG_WORD = re.compile(r"\S{101,}")
+"""A run of more than 100 non-blank characters in an error (click quotes a bad value whole)."""
+
+
+def error_line(message: str) -> str:
+    """One line for stderr: control characters and newlines escaped, runs of over 100 characters cut to 80."""
+    return "autopar: error: " + _LONG_WORD.sub(lambda m: m[0][:77] + "...", escape_text(message))
+
+
+def _typed_value(args: list[str], err: Exception) -> str | None:
+    """What the user typed for the option click refused (click's message leaves it out)."""
+    opts = getattr(getattr(err, "param", None), "opts", ())
+    for i, token in enumerate(args):
+        for opt in opts:
+            if token == opt and i + 1 < len(args):
+                return args[i + 1]
+            if token.startswith(opt + "="):
+                return token[len(opt) + 1:]
+    return None
+
+
+def _usage_error(err: Exception, command: str, args: list[str]) -> typer.Exit:
+    hint = f"run 'autopar {command} --help' for the options" if command else "run 'autopar --help' for the commands"
+    message = err.format_message().rstrip(".")
+    value = _typed_value(args, err)
+    got = f" (got {show(value)})" if value is not None else ""
+    typer.echo(error_line(f"{message}{got}; {hint}"), err=True)
+    return typer.Exit(code=2)
+
+
+class _Command(TyperCommand):
+    """Click's usage errors (a non-integer --gpus, a missing MODEL) as one line and exit 2, like ours."""
+
+    def parse_args(self, ctx, args):
+        typed = list(args)
+        try:
+            return super().parse_args(ctx, args)
+        except _UsageError as err:
+            raise _usage_error(err, self.name or "", typed) from None
+
+
+class _Group(TyperGroup):
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except _UsageError as err:
+            raise _usage_error(err, "", []) from None
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,
                   help="Plan and run parallel training of Hugging Face causal LMs.")
 
 
@@ -44,11 +98,11 @@ class AttentionOpt(str, Enum):
 
 
 def _fail(err: AutoparError) -> None:
-    typer.echo(f"autopar: error: {err}", err=True)
+    typer.echo(error_line(str(err)), err=True)
     raise typer.Exit(code=2)
 
 
-@app.command()
+@app.command(cls=_Command)
 def explain(
     model: str = typer.Argument(..., help="preset name, config.json (or its folder), or a cached HF model id"),
     cluster: Optional[str] = typer.Option(None, help="preset (a100-40gb, a100-80gb, h100-80gb, h200, cpu) or JSON file; default a100-80gb"),
@@ -85,10 +139,10 @@ def explain(
 def _explain(**kw) -> None:
     from autopar.explain.run import run_explain
 
-    run_explain(**kw)
+    run_explain(**check_options(kw, EXPLAIN_OPTIONS))
 
 
-@app.command()
+@app.command(cls=_Command)
 def presets() -> None:
     """List the shipped model and cluster presets."""
     from autopar.cluster import PRESETS
@@ -98,7 +152,7 @@ def presets() -> None:
     typer.echo("clusters: " + ", ".join([*PRESETS, "cpu"]))
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(cls=_Command, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def run(
     ctx: typer.Context,
     script: str = typer.Argument(..., help="The training script (then its own arguments)."),
@@ -113,10 +167,14 @@ def run(
     One node: `autopar run -n 4 train.py`. Several: the same command on each
     node with --nnodes N --rdzv-endpoint HOST:PORT --rdzv-id JOB (c10d rendezvous).
     """
-    if nproc < 1:
-        _fail(AutoparError(f"-n {nproc}: must be a positive integer"))
-    if not Path(script).is_file():
-        _fail(AutoparError(f"training script {script!r} not found"))
+    try:
+        opts = check_options({"nproc": nproc, "nnodes": nnodes, "node_rank": node_rank,  # the script last
+                              "rdzv_endpoint": rdzv_endpoint, "rdzv_id": rdzv_id, "script": script}, RUN_OPTIONS)
+        if node_rank is not None and node_rank >= opts["nnodes"][1]:
+            raise AutoparError(f"--node-rank {node_rank}: must be below --nnodes {nnodes}; "
+                               "use 0 to N-1, one per node")
+    except AutoparError as err:
+        _fail(err)
     from torch.distributed.run import main as torchrun
 
     argv = ["--nproc-per-node", str(nproc), "--nnodes", nnodes]
@@ -134,5 +192,5 @@ def main() -> None:
     try:
         app()
     except AutoparError as err:  # raised outside a command's own handler
-        typer.echo(f"autopar: error: {err}", err=True)
+        typer.echo(error_line(str(err)), err=True)
         sys.exit(2)

@@ -7,12 +7,11 @@ NICs per 8-GPU node give each GPU 25 GB/s. docs/clusters.md has the format.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 from autopar.errors import AutoparError
+from autopar.schema import CLUSTER, MAX_GPUS, check_fields, check_path_text, load_json_file, show
 
 GIB = 1024**3
 
@@ -64,11 +63,16 @@ class ClusterSpec:
             value = getattr(self, field_name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise AutoparError(f"cluster {field_name}={value!r} must be a positive integer")
+        if self.nodes * self.gpus_per_node > MAX_GPUS:
+            raise AutoparError(
+                f"cluster {show(self.name)}: {self.nodes} nodes x {self.gpus_per_node} GPUs = "
+                f"{self.nodes * self.gpus_per_node:,} GPUs, more than {MAX_GPUS:,} (2**20, 5x the largest "
+                "clusters built); use fewer nodes or GPUs per node")
         for field_name in ("intra_node_bytes_per_s", "inter_node_bytes_per_s"):
             if not getattr(self, field_name) > 0:
                 raise AutoparError(f"cluster {field_name}={getattr(self, field_name)!r} must be > 0")
         if not self.device.peak_flops_per_s > 0 or not self.device.memory_bytes > 0:
-            raise AutoparError(f"device {self.device.name!r}: peak_tflops and memory_gib must be > 0")
+            raise AutoparError(f"device {show(self.device.name)}: peak_tflops and memory_gib must be > 0")
 
     @property
     def world_size(self) -> int:
@@ -89,7 +93,8 @@ class ClusterSpec:
                 raise AutoparError(f"{flag} {value}: must be a positive integer")
         if gpus is not None:
             if nodes is not None and nodes * per_node != gpus:
-                raise AutoparError(f"--gpus {gpus} != --nodes {nodes} x --gpus-per-node {per_node}")
+                raise AutoparError(f"--gpus {gpus} != --nodes {nodes} x --gpus-per-node {per_node}; "
+                                   "drop --gpus or make the three agree")
             if gpus <= per_node:
                 return replace(self, nodes=1, gpus_per_node=gpus)
             if gpus % per_node:
@@ -158,39 +163,23 @@ def cpu_cluster() -> ClusterSpec:
                        intra_node_latency_s=50e-6, inter_node_latency_s=100e-6)
 
 
-def _number(data: dict, key: str, where: str, default: float | None = None) -> float:
-    value = data.get(key, default)
-    if value is None:
-        raise AutoparError(f"cluster JSON {where}: missing {key!r} (see docs/clusters.md)")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise AutoparError(f"cluster JSON {where}: {key}={value!r} must be a positive number")
-    return float(value)
-
-
 def cluster_from_dict(data: dict, name: str = "custom") -> ClusterSpec:
-    """Read the documented JSON shape (docs/clusters.md)."""
-    if not isinstance(data, dict) or not isinstance(data.get("device"), dict):
-        raise AutoparError(f"cluster JSON {name!r}: expected an object with a 'device' object (docs/clusters.md)")
-    dev = data["device"]
+    """Read the documented JSON shape (docs/clusters.md), checked against :data:`autopar.schema.CLUSTER`."""
+    c = check_fields(data, CLUSTER, where=f"cluster JSON {show(name)}")
+    dev = c["device"]
     device = DeviceSpec(
-        name=str(dev.get("name", "gpu")),
-        peak_flops_per_s=_number(dev, "peak_tflops", name) * 1e12,
-        memory_bytes=_number(dev, "memory_gib", name) * GIB,
-        hbm_bytes_per_s=_number(dev, "hbm_TBps", name, default=2.0) * 1e12,
-        context_bytes=_number(dev, "context_gib", name, default=CUDA_CONTEXT_BYTES / GIB) * GIB,
+        name=dev["name"],
+        peak_flops_per_s=dev["peak_tflops"] * 1e12,
+        memory_bytes=dev["memory_gib"] * GIB,
+        hbm_bytes_per_s=dev["hbm_TBps"] * 1e12,
+        context_bytes=dev["context_gib"] * GIB,
     )
-    counts = {}
-    for key in ("nodes", "gpus_per_node"):
-        value = data.get(key, 1)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise AutoparError(f"cluster JSON {name!r}: {key}={value!r} must be a positive integer")
-        counts[key] = value
     return ClusterSpec(
-        name=name, device=device, **counts,
-        intra_node_bytes_per_s=_number(data, "intra_node_GBps", name) * 1e9,
-        inter_node_bytes_per_s=_number(data, "inter_node_GBps", name) * 1e9,
-        intra_node_latency_s=_number(data, "intra_node_latency_us", name, NVLINK_LATENCY_S * 1e6) * 1e-6,
-        inter_node_latency_s=_number(data, "inter_node_latency_us", name, NETWORK_LATENCY_S * 1e6) * 1e-6,
+        name=name, device=device, nodes=c["nodes"], gpus_per_node=c["gpus_per_node"],
+        intra_node_bytes_per_s=c["intra_node_GBps"] * 1e9,
+        inter_node_bytes_per_s=c["inter_node_GBps"] * 1e9,
+        intra_node_latency_s=c["intra_node_latency_us"] * 1e-6,
+        inter_node_latency_s=c["inter_node_latency_us"] * 1e-6,
     )
 
 
@@ -201,13 +190,10 @@ def load_cluster(ref: str | None) -> ClusterSpec:
         return PRESETS[ref.lower()]
     if ref.lower() == "cpu":
         return cpu_cluster()
-    path = Path(ref)
-    if not path.is_file():
+    path = check_path_text(ref, "--cluster")
+    if not os.path.lexists(path):
         raise AutoparError(
-            f"unknown cluster {ref!r}: not a preset ({', '.join([*PRESETS, 'cpu'])}) nor a JSON file"
+            f"unknown cluster {show(ref)}: not a preset ({', '.join([*PRESETS, 'cpu'])}) nor a JSON file; "
+            "pass a preset name or a cluster JSON file (docs/clusters.md)"
         )
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AutoparError(f"malformed cluster JSON {ref!r}: {err}") from None
-    return cluster_from_dict(data, name=path.stem)
+    return cluster_from_dict(load_json_file(path, "cluster JSON"), name=path.stem)

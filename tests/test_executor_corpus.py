@@ -26,6 +26,7 @@ OPTIONS = [  # (options, what the message must say: the field=value, then the fi
     ({"global_batch_size": 10**15}, ("global_batch_size=1000000000000000", "1 to 1,073,741,824")),
     ({"seq_len": "2048"}, ("seq_len='2048'", "whole number")),
     ({"tp": 10**12}, ("tp=1000000000000", "1 to 1,048,576")),
+    ({"pp": 1000}, ("pp=1000", "1 to 256")),
     ({"virtual_stages": 0}, ("virtual_stages=0", "whole number")),
     ({"micro_batch_size": None, "schedule": "zigzag"}, ("schedule='zigzag'", "use one of gpipe")),
     ({"recompute": "some"}, ("recompute='some'", "use none, selective or full")),

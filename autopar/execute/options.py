@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
+from autopar import schema
 from autopar.errors import AutoparError
 from autopar.plan.types import Pins, Schedule
 from autopar.profile.types import Recompute
@@ -18,12 +19,10 @@ DEFAULT_SEQ_LEN = 2048
 """Sequence length the layout is planned for when no hint is given (capped by the model's context)."""
 
 
-MAX_DEGREE = 2**20
-"""Largest data/tensor/pipeline degree or micro-batch setting accepted (a million ranks)."""
-_INT_BOUNDS = {"global_batch_size": 2**30, "seq_len": 2**24, "dp": MAX_DEGREE, "tp": MAX_DEGREE,
-               "pp": MAX_DEGREE, "micro_batch_size": 2**30, "virtual_stages": 2**10}
-"""Upper bounds of the integer options: far above any real run, low enough that no planner loop over a
-user-given count runs unbounded (2**30 sequences, 2**24 tokens per sequence, 1024 chunks per rank)."""
+_INT_BOUNDS = {"global_batch_size": schema.MAX_BATCH, "seq_len": schema.MAX_SEQ, "dp": schema.MAX_GPUS,
+               "tp": schema.MAX_GPUS, "pp": schema.MAX_LAYERS, "micro_batch_size": schema.MAX_BATCH,
+               "virtual_stages": schema.MAX_LAYERS}
+"""Upper bounds of the integer options, the same as ``autopar explain``'s (autopar/schema.py says why)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -27,18 +27,18 @@ import torch.distributed as dist
 from torch import nn
 
 _DROPOUT_KEYS = ("dropout", "pdrop", "drop_rate")
+_NOT_CAUSAL_LM = ("summary_", "classifier_")
+"""Config keys of heads a causal LM does not run (GPT-2's sequence-summary head, classifiers)."""
 
 
 def dropout_settings(model: nn.Module) -> dict[str, float]:
-    """Dropout probabilities above 0 in the model's config and modules (name -> p)."""
+    """Dropout probabilities above 0 in the model's config (name -> p): the config, not this rank's modules,
+    so every rank decides alike (the decision is followed by a collective)."""
     found = {}
     for key, value in model.config.to_dict().items():
-        if any(k in key for k in _DROPOUT_KEYS) and isinstance(value, (int, float)) and not isinstance(value, bool) \
-                and value > 0:
+        if any(k in key for k in _DROPOUT_KEYS) and not key.startswith(_NOT_CAUSAL_LM) \
+                and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
             found[key] = float(value)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0 and not found:
-            found[name] = float(module.p)
     return found
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from autopar.cost.pipeline import Timeline
 from autopar.errors import AutoparError
+from autopar.schema import escape_text, show
 from autopar.units import gib, ms
 
 _SUFFIXES = (".png", ".svg")
@@ -48,7 +49,7 @@ def plot_plan(path: str | Path, timeline: Timeline, stage_memory_bytes: Mapping[
     """
     path = Path(path)
     if path.suffix.lower() not in _SUFFIXES:
-        raise AutoparError(f"plot file {str(path)!r} has suffix {path.suffix!r}; use .png or .svg")
+        raise AutoparError(f"plot file {show(str(path))} has suffix {path.suffix!r}; use .png or .svg")
     for name, values in stage_memory_bytes.items():
         if len(values) != timeline.num_ranks:
             raise AutoparError(f"memory part {name!r} has {len(values)} values for "
@@ -62,8 +63,12 @@ def plot_plan(path: str | Path, timeline: Timeline, stage_memory_bytes: Mapping[
     top, bottom = fig.subplots(2, 1, height_ratios=[height, 3.0])
     _draw_timeline(top, timeline, fig.get_figwidth() * _DPI * 0.85)
     _draw_memory(bottom, stage_memory_bytes, capacity_bytes, timeline.num_ranks)
-    fig.suptitle(title)
-    fig.savefig(path, format=path.suffix.lower()[1:])
+    fig.suptitle(escape_text(title), parse_math=False)  # a model name is text, not mathtext
+    try:
+        fig.savefig(path, format=path.suffix.lower()[1:])
+    except OSError as err:
+        raise AutoparError(f"--plot {show(str(path))}: cannot write it ({err.strerror}); "
+                           "pick a writable file") from None
     return path
 
 

@@ -5,11 +5,13 @@ The JSON shape is documented in docs/plan-format.md.
 
 from __future__ import annotations
 
+import math
 import re
 
 from autopar.cluster import ClusterSpec
 from autopar.plan.search import SearchResult
 from autopar.profile.types import ModelProfile
+from autopar.schema import escape_text
 
 GIB = 1024**3
 
@@ -38,14 +40,32 @@ def compact_layers(names: tuple[str, ...] | list[str]) -> str:
     return ", ".join(out)
 
 
+def strict_json(value):
+    """``value`` with every NaN or infinity replaced by None (JSON ``null``), so it dumps as strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
+
+
+def _text(value: str) -> str:
+    """Text from a user's file for a rich table: control characters escaped, markup brackets inert."""
+    from rich.markup import escape
+
+    return escape(escape_text(value))
+
+
 def result_dict(result: SearchResult, profile: ModelProfile, cluster: ClusterSpec) -> dict:
-    """The `explain --json` object."""
+    """The `explain --json` object; a non-finite number (none is expected) becomes null."""
     best = result.best
     plan = best.plan.to_dict()
     cost = best.cost
     for stage in plan["stages"]:
         stage["rank"] = best.plan.stage_rank(stage["index"])
-    return {
+    return strict_json({
         "model": {"name": profile.name, "architecture": profile.architecture, "params": profile.num_params,
                   "layers": profile.num_layers, "hidden_size": profile.hidden_size, "seq_len": profile.seq_len,
                   "profile_source": profile.source},
@@ -63,7 +83,7 @@ def result_dict(result: SearchResult, profile: ModelProfile, cluster: ClusterSpe
              "peak_memory_bytes": a.evaluated.cost.peak_memory_bytes, "reason": a.reason}
             for a in result.alternatives
         ],
-    }
+    })
 
 
 def _fmt_s(seconds: float) -> str:
@@ -77,8 +97,8 @@ def render(result: SearchResult, profile: ModelProfile, cluster: ClusterSpec, co
     best, cost = result.best, result.best.cost
     plan = best.plan
     console.print(
-        f"[bold]{profile.name}[/] ({profile.num_params / 1e9:.2f} B params, {profile.num_layers} layers) on "
-        f"{cluster.world_size} x {cluster.device.name} ({cluster.nodes} node(s) x {cluster.gpus_per_node}); "
+        f"[bold]{_text(profile.name)}[/] ({profile.num_params / 1e9:.2f} B params, {profile.num_layers} layers) "
+        f"on {cluster.world_size} x {_text(cluster.device.name)} ({cluster.nodes} node(s) x {cluster.gpus_per_node}); "
         f"global batch {plan.global_batch_size} x {plan.seq_len} tokens")
     status = "[green]fits[/]" if cost.fits else f"[red]DOES NOT FIT: {cost.over_bytes / GIB:.1f} GiB over[/]"
     console.print(f"[bold]plan[/] {plan.describe()}  ({status})")

@@ -11,11 +11,16 @@ from autopar.errors import AutoparError
 from autopar.plan.types import Pins, Schedule
 from autopar.profile.config import ArchConfig, load_arch
 from autopar.profile.types import ModelProfile, Recompute
+from autopar.schema import escape_text
 
 DEFAULT_SEQ_LEN = 2048
 DEFAULT_SEQUENCES_PER_GPU = 8
 MIN_REPORT_WIDTH = 150
 """Columns of the report when stdout is not a terminal (rich would use 80)."""
+MAX_PLOT_TASKS = 20_000
+"""Bars the --plot timeline draws (2 x pp x virtual stages x micro-batches):
+matplotlib takes about a second per few thousand, and past this many they are
+thinner than a pixel."""
 
 
 def _positive(flag: str, value: int | None) -> None:
@@ -37,7 +42,8 @@ def resolve_seq_len(arch: ArchConfig, seq_len: int | None) -> int:
 def profile_model(arch: ArchConfig, seq_len: int, profiler: str, attention: str) -> ModelProfile:
     """The analytic profile (no torch), or the meta-device one (builds the HF model)."""
     if profiler == "meta":
-        print(f"profiling {arch.name} on the meta device (imports torch and transformers)...", file=sys.stderr)
+        print(f"profiling {escape_text(arch.name)} on the meta device (imports torch and transformers)...",
+              file=sys.stderr)
         from autopar.profile.meta import profile_meta
 
         return profile_meta(arch, seq_len=seq_len, attention=attention)
@@ -72,17 +78,17 @@ def run_explain(*, model: str, cluster: str | None, gpus: int | None, nodes: int
     seq = resolve_seq_len(arch, seq_len)
     _positive("--global-batch", global_batch)
     batch = global_batch or DEFAULT_SEQUENCES_PER_GPU * spec.world_size
-    if plot is not None and plot.suffix.lower() not in (".png", ".svg"):
-        raise AutoparError(f"--plot {str(plot)!r}: use a .png or .svg file name")
     profile = profile_model(arch, seq, getattr(profiler, "value", profiler), getattr(attention, "value", attention))
     pins = make_pins(**pin_args)
     opts = measured_options(arch, profile, spec, pins) if measure else None
     result = search(profile, spec, global_batch_size=batch, pins=pins, alternatives=alternatives,
                     split_solver=split_solver, opts=opts)
+    if plot is not None:
+        check_plot_size(result.best.plan)
     if json_out:
         from autopar.explain.report import result_dict
 
-        print(json.dumps(result_dict(result, profile, spec)))
+        print(json.dumps(result_dict(result, profile, spec), allow_nan=False))
     else:
         from rich.console import Console
 
@@ -110,8 +116,18 @@ def measured_options(arch: ArchConfig, profile: ModelProfile, spec: ClusterSpec,
         print("--measure: no CUDA device here; timing blocks on the CPU, which prices the cluster's GPUs "
               "as this CPU", file=sys.stderr)
     tps = tp_options(profile, spec, spec.world_size, pins)
-    print(f"--measure: timing one {arch.name} block on {device} at tp {tps}...", file=sys.stderr)
+    print(f"--measure: timing one {escape_text(arch.name)} block on {device} at tp {tps}...", file=sys.stderr)
     return CostOptions(measured_block_s=measure_blocks(arch, seq_len=profile.seq_len, tps=tps, device=device))
+
+
+def check_plot_size(plan) -> None:
+    """Refuse a --plot whose timeline has more bars than can be drawn (before anything is printed)."""
+    tasks = 2 * plan.pp * plan.virtual_stages * plan.num_microbatches
+    if tasks > MAX_PLOT_TASKS:
+        raise AutoparError(
+            f"--plot: the plan's timeline has {tasks:,} forward/backward bars ({plan.num_microbatches:,} "
+            f"micro-batches), more than {MAX_PLOT_TASKS:,} can be drawn; drop --plot or use a smaller "
+            "--global-batch or a larger --micro-batch")
 
 
 def write_plot(path: Path, best, profile: ModelProfile, spec: ClusterSpec, opts=None) -> Path:

@@ -152,11 +152,13 @@ def _no_layout_reason(profile: ModelProfile, world: int, batch: int, pins: Pins,
     if pins.tp and world % pins.tp:
         return f"--tp {pins.tp} does not divide the {world} GPUs; use a divisor of {world}"
     if pins.pp and pins.pp > sum(l.count for l in profile.layers):
-        return f"--pp {pins.pp} exceeds the model's {sum(l.count for l in profile.layers)} layers"
+        layers = sum(l.count for l in profile.layers)
+        return f"--pp {pins.pp} exceeds the model's {layers} layers; use at most {layers} stages"
     if pins.dp and batch % pins.dp:
         return f"--dp {pins.dp} does not divide the global batch {batch}; use a divisor of {batch}"
     if pins.micro_batch_size and batch % pins.micro_batch_size:
-        return f"--micro-batch {pins.micro_batch_size} does not divide the global batch {batch}"
+        return (f"--micro-batch {pins.micro_batch_size} does not divide the global batch {batch}; "
+                f"use a divisor of {batch}")
     if batch_rejected:
         dps = sorted(batch_rejected)
         return (f"global batch {batch} is divisible by no data-parallel degree possible on {world} GPUs "

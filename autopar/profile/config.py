@@ -9,13 +9,14 @@ starts fast.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from autopar.errors import AutoparError, UnsupportedModelError
+from autopar.schema import (MODEL_CONFIG, MODEL_NAME, MODEL_TYPE, Checked, check_fields, check_path_text,
+                            load_json_file, show)
 
 # model_type -> family. Each family has its own formulas in analytic.py and its
 # own module-name layout; everything else is refused with the list below.
@@ -98,15 +99,15 @@ def resolve_config_path(model: str) -> Path:
     Raises:
         AutoparError: nothing of that name exists; the message lists the presets.
     """
-    path = Path(model)
-    if path.is_dir():
+    path = check_path_text(model, "MODEL")
+    if os.path.isdir(path):
         path = path / "config.json"
-        if not path.is_file():
-            raise AutoparError(f"folder {model!r} holds no config.json; pass a folder with one")
+        if not os.path.lexists(path):
+            raise AutoparError(f"folder {show(model)} holds no config.json; pass a folder with one")
         return path
-    if path.suffix == ".json" or path.is_file():
-        if not path.is_file():
-            raise AutoparError(f"config file {model!r} does not exist")
+    if path.suffix == ".json" or os.path.lexists(path):
+        if not os.path.lexists(path):
+            raise AutoparError(f"config file {show(model)} does not exist; pass an existing config.json")
         return path
     preset = _preset_path(model)
     if preset is not None:
@@ -115,116 +116,116 @@ def resolve_config_path(model: str) -> Path:
     if cached is not None:
         return cached
     raise AutoparError(
-        f"unknown model {model!r}: not a preset, a config.json path, or a model in the "
-        f"local Hugging Face cache; presets: {', '.join(list_presets())}"
+        f"unknown model {show(model)}: not a preset, a config.json path, or a model in the "
+        f"local Hugging Face cache; pass a config.json or one of the presets: {', '.join(list_presets())}"
     )
+
+
+def _load(model: str) -> tuple[Path, str, dict]:
+    path = resolve_config_path(model)
+    raw = load_json_file(path, "config")
+    name = check_fields(raw, (MODEL_NAME,), where=f"config {show(str(path))}")["_autopar_name"]
+    name = name or (path.parent.name if path.name == "config.json" else path.stem)
+    if path.parent.parent.name == "snapshots":  # the HF cache: models--org--name/snapshots/<hash>/
+        name = path.parent.parent.parent.name.removeprefix("models--").replace("--", "/")
+    return path, name, raw
 
 
 def load_config_dict(model: str) -> tuple[str, dict]:
     """(display name, config dict) for a model reference."""
-    path = resolve_config_path(model)
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AutoparError(f"malformed config {str(path)!r}: {err}; pass a valid HF config.json") from None
-    if not isinstance(raw, dict):
-        raise AutoparError(f"malformed config {str(path)!r}: expected a JSON object, got {type(raw).__name__}")
-    name = raw.get("_autopar_name") or (path.parent.name if path.name == "config.json" else path.stem)
-    if path.parent.parent.name == "snapshots":  # the HF cache: models--org--name/snapshots/<hash>/
-        name = path.parent.parent.parent.name.removeprefix("models--").replace("--", "/")
-    return str(name), raw
+    _, name, raw = _load(model)
+    return name, raw
 
 
-def _positive_int(raw: dict, keys: tuple[str, ...], name: str, default: int | None = None) -> int:
-    for key in keys:
-        if raw.get(key) is not None:
-            value = raw[key]
-            break
-    else:
-        key = keys[0]
-        if default is None:
-            raise AutoparError(f"config {name!r} lacks {keys[0]!r}; a causal-LM config.json needs it")
-        value = default
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise AutoparError(f"config {name!r}: {key}={value!r} must be a positive integer")
-    return value
+_NULL_IS_ABSENT = ("rotary_pct", "partial_rotary_factor")
+"""Fields autopar.profile.analytic reads from ``raw`` with a default: a null must read as absent, as in the schema."""
 
 
-def arch_from_dict(name: str, raw: dict) -> ArchConfig:
-    """Read an :class:`ArchConfig` from a HF config dict.
+def _flag(c: Checked, key: str, default: bool) -> bool:
+    return default if c[key] is None else c[key]
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def _family_mlp(c: Checked, family: str, hidden: int, where: str) -> tuple[int, str, tuple[float, float, float]]:
+    """(MLP width, activation, (attention, residual, embedding) dropout) as each family's config names them."""
+    if family == "gpt2":
+        dropouts = tuple(_or(c[key], 0.1) for key in ("attn_pdrop", "resid_pdrop", "embd_pdrop"))
+        return _or(c["n_inner"], 4 * hidden), _or(c["activation_function"], "gelu_new"), dropouts
+    if family == "gpt_neox":
+        # GPT-NeoX drops out its embeddings with hidden_dropout (emb_dropout).
+        hidden_dropout = _or(c["hidden_dropout"], 0.0)
+        dropouts = (_or(c["attention_dropout"], 0.0), hidden_dropout, hidden_dropout)
+        return _or(c["intermediate_size"], 4 * hidden), _or(c["hidden_act"], "gelu"), dropouts
+    if c["intermediate_size"] is None:
+        raise AutoparError(f"{where}: missing 'intermediate_size'; add it (a Llama-family config.json has it)")
+    return c["intermediate_size"], _or(c["hidden_act"], "silu"), (_or(c["attention_dropout"], 0.0), 0.0, 0.0)
+
+
+def arch_from_dict(name: str, raw: dict, where: str | None = None) -> ArchConfig:
+    """Read an :class:`ArchConfig` from a HF config dict, checked against :data:`autopar.schema.MODEL_CONFIG`.
+
+    Args:
+        where: how errors name the config (default ``config 'NAME'``).
 
     Raises:
         UnsupportedModelError: the ``model_type`` is not a supported family.
-        AutoparError: a required field is missing or not a positive integer.
+        AutoparError: a field autopar reads is missing, of the wrong type or out of bounds.
     """
-    model_type = raw.get("model_type")
+    where = where or f"config {show(name)}"
+    model_type = check_fields(raw, (MODEL_TYPE,), where)["model_type"]
     if model_type not in FAMILIES:
         raise UnsupportedModelError(
-            f"model {name!r} has architecture {model_type!r} (model_type), which autopar cannot "
-            f"profile; supported: {', '.join(sorted(FAMILIES))}"
+            f"model {show(name)} has architecture {show(model_type)} (model_type), which autopar cannot "
+            f"profile; use a model of a supported model_type: {', '.join(sorted(FAMILIES))}"
         )
     family = FAMILIES[model_type]
-    layers = _positive_int(raw, ("num_hidden_layers", "n_layer"), name)
-    hidden = _positive_int(raw, ("hidden_size", "n_embd"), name)
-    heads = _positive_int(raw, ("num_attention_heads", "n_head"), name)
-    kv_heads = _positive_int(raw, ("num_key_value_heads",), name, default=heads)
-    vocab = _positive_int(raw, ("vocab_size",), name)
-    positions = _positive_int(raw, ("max_position_embeddings", "n_positions"), name, default=2048)
-    head_dim = raw.get("head_dim")
+    c = check_fields(raw, MODEL_CONFIG, where)
+    hidden, heads = c["hidden_size"], c["num_attention_heads"]
+    kv_heads = c["num_key_value_heads"] or heads
+    head_dim = c["head_dim"]
     if head_dim is not None and head_dim * heads != hidden:
         raise UnsupportedModelError(
-            f"model {name!r} sets head_dim={head_dim} with {heads} heads != hidden_size {hidden}; autopar's "
-            "profiles assume heads x head_dim = hidden_size")
+            f"model {show(name)} sets head_dim={head_dim} with {heads} heads != hidden_size {hidden}; autopar's "
+            "profiles assume heads x head_dim = hidden_size; use a model where they match")
     if hidden % heads or heads % kv_heads:
         raise AutoparError(
-            f"config {name!r}: hidden_size={hidden}, heads={heads}, kv_heads={kv_heads}: "
-            "hidden must divide by heads and heads by kv_heads"
+            f"{where}: hidden_size={hidden}, heads={heads}, kv_heads={kv_heads}: "
+            "hidden must divide by heads and heads by kv_heads; fix the config"
         )
-    if family == "gpt2":
-        ffn = _positive_int(raw, ("n_inner",), name, default=4 * hidden)
-        activation = raw.get("activation_function", "gelu_new")
-        dropouts = (raw.get("attn_pdrop", 0.1), raw.get("resid_pdrop", 0.1), raw.get("embd_pdrop", 0.1))
-    elif family == "gpt_neox":
-        ffn = _positive_int(raw, ("intermediate_size",), name, default=4 * hidden)
-        activation = raw.get("hidden_act", "gelu")
-        # GPT-NeoX drops out its embeddings with hidden_dropout (emb_dropout).
-        hidden_dropout = raw.get("hidden_dropout", 0.0)
-        dropouts = (raw.get("attention_dropout", 0.0), hidden_dropout, hidden_dropout)
-    else:
-        ffn = _positive_int(raw, ("intermediate_size",), name)
-        activation = raw.get("hidden_act", "silu")
-        dropouts = (raw.get("attention_dropout", 0.0), 0.0, 0.0)
-    architectures = raw.get("architectures") or [
-        {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM"}.get(family, "LlamaForCausalLM")
-    ]
+    ffn, activation, dropouts = _family_mlp(c, family, hidden, where)
+    architectures = c["architectures"] or (
+        {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM"}.get(family, "LlamaForCausalLM"),)
     return ArchConfig(
         name=name,
         model_type=model_type,
         family=family,
         architecture=architectures[0],
-        num_layers=layers,
+        num_layers=c["num_hidden_layers"],
         hidden_size=hidden,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         ffn_hidden_size=ffn,
-        vocab_size=vocab,
-        max_position_embeddings=positions,
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", family == "gpt2")),
+        vocab_size=c["vocab_size"],
+        max_position_embeddings=c["max_position_embeddings"],
+        tie_word_embeddings=_flag(c, "tie_word_embeddings", family == "gpt2"),
         gated_mlp=family == "llama",
         learned_positions=family == "gpt2",
-        attention_bias=family != "llama" or bool(raw.get("attention_bias", model_type == "qwen2")),
-        mlp_bias=family != "llama" or bool(raw.get("mlp_bias", False)),
+        attention_bias=family != "llama" or _flag(c, "attention_bias", model_type == "qwen2"),
+        mlp_bias=family != "llama" or _flag(c, "mlp_bias", False),
         norm="rmsnorm" if family == "llama" else "layernorm",
-        activation=str(activation),
-        attn_dropout=float(dropouts[0]),
-        resid_dropout=float(dropouts[1]),
-        embd_dropout=float(dropouts[2]),
-        parallel_residual=family == "gpt_neox" and bool(raw.get("use_parallel_residual", True)),
-        raw=raw,
+        activation=activation,
+        attn_dropout=dropouts[0],
+        resid_dropout=dropouts[1],
+        embd_dropout=dropouts[2],
+        parallel_residual=family == "gpt_neox" and _flag(c, "use_parallel_residual", True),
+        raw={k: v for k, v in raw.items() if not (v is None and k in _NULL_IS_ABSENT)},
     )
 
 
 def load_arch(model: str) -> ArchConfig:
     """Preset name, config path or cached model id -> :class:`ArchConfig`."""
-    name, raw = load_config_dict(model)
-    return arch_from_dict(name, raw)
+    path, name, raw = _load(model)
+    return arch_from_dict(name, raw, where=f"config {show(str(path))}")
