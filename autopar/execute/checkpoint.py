@@ -76,11 +76,12 @@ def _stage_params(runtime) -> list[tuple[str, torch.nn.Parameter]]:
             if n not in aliases and not (later_stage and n in aliases.values())]
 
 
-def _canonical(runtime, name: str, param) -> torch.Tensor:
-    """The whole tensor in the checkpoint's layout (collective over the parameter's mesh)."""
+def canonical(runtime, name: str, param) -> torch.Tensor:
+    """The whole tensor in the checkpoint's layout (collective over the parameter's mesh); ``runtime`` None:
+    a plain model's own tensor."""
     full = param.full_tensor() if hasattr(param, "full_tensor") else param
     full = full.detach()
-    if runtime.family is not None:
+    if runtime is not None and runtime.family is not None:
         converted = name.rsplit(".", 1)[0] in runtime.converted
         full = runtime.family.checkpoint_inverse(name, full, runtime.plan.tp, converted)
     return full.cpu().contiguous()
@@ -114,7 +115,7 @@ def _write_stage(runtime, folder: Path, max_bytes: int, writer: bool) -> dict[st
         shard, size, count = {}, 0, count + 1
 
     for name, param in _stage_params(runtime):
-        full = _canonical(runtime, name, param)
+        full = canonical(runtime, name, param)
         if not writer:
             continue
         nbytes = full.numel() * full.element_size()
@@ -173,7 +174,7 @@ def full_state_dict(model, runtime) -> dict[str, torch.Tensor]:
     """Every key of one device's state dict, full CPU tensors in the checkpoint's layout, on every rank."""
     rt = runtime.rt
     arrive(rt, "state_dict")
-    mine = {n: _canonical(runtime, n, p) for n, p in _stage_params(runtime)}
+    mine = {n: canonical(runtime, n, p) for n, p in _stage_params(runtime)}
     if not rt.distributed or runtime.plan.pp == 1:
         out = mine
     else:  # each stage's tensors from its first rank, one broadcast of the key list then one per tensor
