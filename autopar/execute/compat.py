@@ -1,10 +1,12 @@
 """Every place autopar reaches into torch's or transformers' private or global state.
 
-A torch or transformers upgrade should need changes here only. While the
-one line is enabled (:func:`install`), the gradient functions a
-single-device script calls are routed to :mod:`autopar.execute.gradients`
-when they are given autopar's parameters or gradients; everything else goes
-to torch unchanged. They are patched at the module-global level torch's own
+A torch or transformers upgrade should need changes here only. Once autopar
+has built a model (:func:`install`, idempotent; :func:`remove` undoes it),
+the gradient functions a single-device script calls are routed to
+:mod:`autopar.execute.gradients` when they are given autopar's parameters
+or gradients, and the Trainer's clipping and checkpointing and DCP's state
+dict options when they are given an autopar model; everything else goes to
+torch and transformers unchanged. They are patched at the module-global level torch's own
 ``clip_grad_norm_`` calls (``torch.nn.utils.clip_grad._get_total_norm`` and
 ``_clip_grads_with_norm_``), so a ``clip_grad_norm_`` imported before the
 line is covered too.
