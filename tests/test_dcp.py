@@ -4,8 +4,8 @@ tests/workers/dcp_worker.py trains 3 steps under one layout, saves with the thre
 docs/executor.md#checkpoints (``get_state_dict`` -> ``dcp.save``), and a new run under another layout
 (other initial weights) loads them (``dcp.load`` -> ``set_state_dict``) and trains steps 4-6: its losses
 equal the uninterrupted single-process run's (1e-5 relative). Llama: dp4 -> tp2 x pp2, tp2 x pp2 -> pp4,
-pp4 -> dp2 (2 ranks). GPT-2 (tied head on two stages): pp4 -> dp2 and dp4 -> pp2 x dp2; GPT-2 under tensor
-parallelism stores its Conv1D weights transposed (docs/executor.md#limits), so it is not resharded here.
+pp4 -> dp2 (2 ranks). GPT-2 (tied head on two stages; Conv1D run as nn.Linear under TP, stored in Conv1D's
+layout): pp4 -> dp2, dp4 -> tp2 x pp2, tp2 x dp2 -> pp2 x dp2.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tests.launch import check, python, torchrun
 
 MOVES = [("llama", (4, "dp=4"), (4, "tp=2 pp=2")), ("llama", (4, "tp=2 pp=2"), (4, "pp=4")),
          ("llama", (4, "pp=4"), (2, "dp=2")), ("gpt2", (4, "pp=4"), (2, "dp=2")),
-         ("gpt2", (4, "dp=4"), (4, "pp=2 dp=2"))]
+         ("gpt2", (4, "dp=4"), (4, "tp=2 pp=2")), ("gpt2", (4, "tp=2 dp=2"), (4, "pp=2 dp=2"))]
 
 
 @pytest.fixture(scope="module")

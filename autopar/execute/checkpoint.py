@@ -198,11 +198,84 @@ def full_state_dict(model, runtime) -> dict[str, torch.Tensor]:
     return out
 
 
+def _converted(runtime, name: str) -> str | None:
+    """How a GPT-2 Conv1D run as ``nn.Linear`` under TP differs from its checkpoint layout: ``"fused"`` for
+    ``c_attn`` (rows reordered per TP rank: no DTensor placement says it), ``"transposed"`` for another
+    weight, None for everything else."""
+    if runtime is None or runtime.family is None or runtime.plan.tp == 1 or "." not in name:
+        return None
+    module, leaf = name.rsplit(".", 1)
+    if module not in runtime.converted:
+        return None
+    if module.endswith("attn.c_attn"):
+        return "fused"
+    return "transposed" if leaf == "weight" else None
+
+
+def to_canonical(runtime, name: str, value):
+    """``value`` (the parameter ``name`` or optimizer state shaped like it) in the checkpoint's layout, for DCP:
+    a transposed DTensor view (DCP reads and writes it in place), or for ``c_attn`` the gathered whole tensor
+    on every rank (DCP cannot store the reordered shard; docs/executor.md#limits says what it costs)."""
+    kind = _converted(runtime, name)
+    if kind == "transposed":
+        return value.t()
+    if kind == "fused":
+        return canonical(runtime, name, value)
+    return value
+
+
+def from_canonical(runtime, name: str, value, like):
+    """Inverse of :func:`to_canonical` into the executed layout of ``like`` (the parameter or its state)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    kind = _converted(runtime, name)
+    if kind is None:
+        return value
+    if isinstance(value, DTensor):
+        return value.t() if kind == "transposed" else value
+    full = runtime.family.checkpoint_transform(name, value, runtime.plan.tp, converted=True)
+    full = full.to(device=runtime.rt.device, dtype=like.dtype)
+    if isinstance(like, DTensor):
+        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+    return full
+
+
 def state_dict(model, runtime, native, *args, **kwargs):
-    """``model.state_dict()``: one device's (full tensors) from a script, the native shards inside DCP."""
-    if args or kwargs or compat.called_from_dcp():
+    """``model.state_dict()``: one device's (full tensors) from a script; inside DCP the native shards, GPT-2's
+    Conv1D weights under TP in the checkpoint's layout (:func:`to_canonical`)."""
+    if args or kwargs:
         return native(*args, **kwargs)
+    if compat.called_from_dcp():
+        return {name: to_canonical(runtime, name, value) for name, value in native().items()}
     return full_state_dict(model, runtime)
+
+
+def load_state_dict(model, runtime, native_load, state_dict, strict: bool = True, assign: bool = False):
+    """``model.load_state_dict`` that takes GPT-2's Conv1D tensors in the checkpoint's layout (whole tensors, or
+    the transposed views DCP loaded in place); everything else goes to torch's own."""
+    from torch.distributed.tensor import DTensor
+
+    from autopar.execute.build import _fill_param
+    from autopar.execute.weights import StateDictSource
+
+    rest, handled = {}, set()
+    for name, value in state_dict.items():
+        kind = _converted(runtime, name)
+        if kind is None:
+            rest[name] = value
+            continue
+        handled.add(name)
+        if kind == "transposed" and isinstance(value, DTensor):
+            continue  # DCP wrote into the parameter through its transposed view
+        with torch.no_grad():
+            _fill_param(name, model.get_parameter(name), StateDictSource({name: value}, {}), runtime.family,
+                        runtime.plan.tp, set(runtime.converted), runtime.rt.device)
+    result = native_load(rest, strict=False, assign=assign)
+    missing = [k for k in result.missing_keys if k not in handled]
+    if strict and (missing or result.unexpected_keys):
+        raise RuntimeError(f"Error(s) in loading state_dict for {type(model).__name__}: missing keys {missing}, "
+                           f"unexpected keys {list(result.unexpected_keys)}")
+    return type(result)(missing, result.unexpected_keys)
 
 
 OPTIMIZER_DIR = "autopar_optimizer"
@@ -257,6 +330,8 @@ def load_weights(model, runtime, folder) -> None:
 
 def install(model, runtime) -> None:
     """``save_pretrained`` and ``state_dict`` of the model the user holds (see [Note: saving])."""
-    native = model.state_dict
+    native, native_load = model.state_dict, model.load_state_dict
     model.save_pretrained = lambda save_directory, **kw: save_pretrained(model, runtime, save_directory, **kw)
     model.state_dict = lambda *a, **kw: state_dict(model, runtime, native, *a, **kw)
+    model.load_state_dict = lambda state_dict, strict=True, assign=False: load_state_dict(
+        model, runtime, native_load, state_dict, strict, assign)

@@ -92,6 +92,43 @@ def _dcp_verify_options(model, optims, optim_only, *, submodules=None, options=N
     return original(model, optims, optim_only, submodules=submodules, options=options)
 
 
+def _optim_state_items(model, state_dict: dict, convert) -> dict:
+    """Apply ``convert(runtime, fqn, value, param)`` to the flattened ``state.<fqn>.<key>`` tensors."""
+    runtime = model._autopar
+    params = dict(model.named_parameters())
+    out = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if parts[0] == "state" and torch.is_tensor(value) and value.dim() > 0:
+            fqn = ".".join(parts[1:-1])
+            if fqn in params:
+                value = convert(runtime, fqn, value, params[fqn])
+        out[key] = value
+    return out
+
+
+def _dcp_get_optim_state_dict(model, optimizers, info):
+    """The optimizer state in the checkpoint's layout for an autopar model (GPT-2's Conv1D under TP)."""
+    from torch.distributed.checkpoint import state_dict as dcp_state_dict
+
+    from autopar.execute.checkpoint import to_canonical
+
+    result = _ORIGINALS[(dcp_state_dict, "_get_optim_state_dict")](model, optimizers, info)
+    if not hasattr(model, "_autopar") or not info.flatten_optimizer_state_dict:
+        return result
+    return _optim_state_items(model, result, lambda rt, fqn, value, param: to_canonical(rt, fqn, value))
+
+
+def _dcp_load_optim_state_dict(model, optimizers, state_dict, info):
+    from torch.distributed.checkpoint import state_dict as dcp_state_dict
+
+    from autopar.execute.checkpoint import from_canonical
+
+    if hasattr(model, "_autopar") and info.flatten_optimizer_state_dict and state_dict:
+        state_dict = _optim_state_items(model, state_dict, from_canonical)
+    return _ORIGINALS[(dcp_state_dict, "_load_optim_state_dict")](model, optimizers, state_dict, info)
+
+
 def _targets() -> list[tuple[object, str, object]]:
     from torch.distributed.checkpoint import state_dict as dcp_state_dict
 
@@ -102,7 +139,9 @@ def _targets() -> list[tuple[object, str, object]]:
             (utils, "clip_grads_with_norm_", _clip_grads_with_norm_),
             (clip, "clip_grad_value_", _clip_grad_value_), (utils, "clip_grad_value_", _clip_grad_value_),
             (torch.amp.GradScaler, "_unscale_grads_", _unscale_grads_),
-            (dcp_state_dict, "_verify_options", _dcp_verify_options)]
+            (dcp_state_dict, "_verify_options", _dcp_verify_options),
+            (dcp_state_dict, "_get_optim_state_dict", _dcp_get_optim_state_dict),
+            (dcp_state_dict, "_load_optim_state_dict", _dcp_load_optim_state_dict)]
 
 
 def _trainer_clip_grad_norm(self, model):
