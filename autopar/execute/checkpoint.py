@@ -177,16 +177,14 @@ def full_state_dict(model, runtime) -> dict[str, torch.Tensor]:
     mine = {n: canonical(runtime, n, p) for n, p in _stage_params(runtime)}
     if not rt.distributed or runtime.plan.pp == 1:
         out = mine
-    else:  # each stage's tensors from its first rank, one broadcast of the key list then one per tensor
+    else:  # each stage's tensors from its first rank: one all-gather of (name, shape, dtype), one broadcast each
         out = {}
         lay = runtime.layout
         owners = [None] * rt.world_size
-        dist.all_gather_object(owners, sorted(mine) if (lay.dp_rank == 0 and lay.tp_rank == 0) else [])
-        for src, names in enumerate(owners):
-            for name in names or []:
-                meta = [(tuple(mine[name].shape), mine[name].dtype) if rt.rank == src else None]
-                dist.broadcast_object_list(meta, src=src)
-                shape, dtype = meta[0]
+        listed = [(n, tuple(t.shape), t.dtype) for n, t in sorted(mine.items())]
+        dist.all_gather_object(owners, listed if (lay.dp_rank == 0 and lay.tp_rank == 0) else [])
+        for src, entries in enumerate(owners):
+            for name, shape, dtype in entries or []:
                 t = mine[name].to(rt.device) if rt.rank == src else torch.empty(shape, dtype=dtype, device=rt.device)
                 dist.broadcast(t, src=src)
                 out[name] = t.cpu()

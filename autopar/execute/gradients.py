@@ -39,6 +39,7 @@ _GROUPS = WeakIdKeyDictionary()
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local tensor of a DTensor; a plain tensor itself."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 

@@ -112,10 +112,10 @@ def _from_config(cls, original, config, **kwargs):
         """Rank 0's generator state on every rank (autopar.execute.rng), then the single-device weights:
         replayed one tensor at a time, or (no adapter: data parallel only) the whole model built."""
         from autopar.execute.rng import adopt_rank0_state
+        from autopar.execute.runtime import detect_runtime
         from autopar.execute.weights import InitSource
 
-        adopt_rank0_state(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-                          else torch.device("cpu"))
+        adopt_rank0_state(detect_runtime().device)  # the device the collective runs on
         if not needs_whole:
             return InitSource(cls, config, dtype, torch.get_rng_state()), None
         with building():

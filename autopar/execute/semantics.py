@@ -38,14 +38,10 @@ import torch
 import torch.distributed as dist
 
 from autopar.errors import AutoparError
+from autopar.execute.gradients import local
 
 IGNORE_INDEX = -100
 """Label value transformers' causal-LM loss (and autopar's token count) skips."""
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The local tensor of a DTensor; a plain tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 class PendingGrads:
@@ -76,11 +72,11 @@ class PendingGrads:
         with torch.no_grad():
             for param, grad in self.grads:
                 if scale != 1.0:
-                    _local(grad).mul_(scale)
+                    local(grad).mul_(scale)
                 if param.grad is None:
                     param.grad = grad
                 else:
-                    _local(param.grad).add_(_local(grad))
+                    local(param.grad).add_(local(grad))
         self.grads = None
 
 

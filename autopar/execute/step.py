@@ -24,6 +24,7 @@ shards).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import time
@@ -36,6 +37,7 @@ from autopar.errors import AutoparError, TokenIdError
 from autopar.execute import compat
 from autopar.execute.batch import Batch, agree_batch, pad_rows, rank_aware_loader
 from autopar.execute.build import Layout
+from autopar.execute.gradients import local
 from autopar.execute.runtime import Runtime
 from autopar.execute.semantics import (
     PendingGrads,
@@ -242,8 +244,6 @@ class ParallelRuntime:
 
     def _random(self):
         """The step's random ops on autopar's dropout stream (autopar.execute.rng), if the model has dropout."""
-        import contextlib
-
         return self.dropout.active() if self.dropout is not None else contextlib.nullcontext()
 
     def _logits_with_graph(self, ids, mask, batch: Batch) -> torch.Tensor:
@@ -313,11 +313,11 @@ class ParallelRuntime:
             if param.grad is not None and param.grad.placements != param.placements:
                 param.grad = param.grad.redistribute(placements=param.placements)
 
-    def _global_loss(self, local: torch.Tensor, holds_loss: bool) -> torch.Tensor:
+    def _global_loss(self, mine: torch.Tensor, holds_loss: bool) -> torch.Tensor:
         """Sum of every piece's share over the data-parallel ranks, once per (dp) slice, on every rank."""
         if not self.rt.distributed:
-            return local
-        share = local if (holds_loss and self.layout.tp_rank == 0) else torch.zeros_like(local)
+            return mine
+        share = mine if (holds_loss and self.layout.tp_rank == 0) else torch.zeros_like(mine)
         dist.all_reduce(share)
         return share
 
@@ -329,8 +329,7 @@ class ParallelRuntime:
         if param.grad is None:
             param.grad = torch.zeros_like(param)
         grad = param.grad  # sharded as the parameter (_shard_grads, or FSDP2)
-        local = grad.to_local() if hasattr(grad, "to_local") else grad
-        dist.all_reduce(local, group=self.tie_group)
+        dist.all_reduce(local(grad), group=self.tie_group)
 
     def _evaluate(self, ids, mask, labels):
         """Forward only: (global loss or None, logits of the global batch on every rank)."""
