@@ -7,6 +7,7 @@ here), so a plan shows in about a second.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from enum import Enum
@@ -17,6 +18,8 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from autopar.errors import AutoparError
+from autopar.launch import DEFAULT_MEMORY_HEADROOM
+from autopar.plan.types import Precision
 from autopar.schema import EXPLAIN_OPTIONS, RUN_OPTIONS, check_options, escape_text, show
 
 _UsageError = typer.BadParameter.__base__
@@ -106,9 +109,12 @@ def _fail(err: AutoparError) -> None:
 def explain(
     model: str = typer.Argument(..., help="preset name, config.json (or its folder), or a cached HF model id"),
     cluster: Optional[str] = typer.Option(None, help="preset (a100-40gb, a100-80gb, h100-80gb, h200, cpu) or JSON file; default a100-80gb"),
-    gpus: Optional[int] = typer.Option(None, help="total GPUs (fills nodes of --gpus-per-node)"),
+    gpus: Optional[int] = typer.Option(None, help="total GPUs (fills nodes of --gpus-per-node; on --cluster cpu, one node of that many processes, as 'autopar run -n N')"),
     nodes: Optional[int] = typer.Option(None, help="number of nodes"),
     gpus_per_node: Optional[int] = typer.Option(None, help="GPUs per node"),
+    from_env: bool = typer.Option(False, "--from-env", help="plan for the job torchrun's environment describes (WORLD_SIZE, LOCAL_WORLD_SIZE, the detected device), read as the executor reads it; imports torch"),
+    memory_headroom: Optional[float] = typer.Option(None, help=f"fraction of each device's memory the plan leaves free; default {DEFAULT_MEMORY_HEADROOM}, the executor's"),
+    precision: Optional[Precision] = typer.Option(None, help="the run's precision: fp32 (a model built in float32, as from_config on CPU), bf16 (built in bfloat16) or bf16_mixed (fp32 weights, bf16 compute; the default)"),
     global_batch: Optional[int] = typer.Option(None, help="sequences per step; default 8 per GPU"),
     seq_len: Optional[int] = typer.Option(None, help="tokens per sequence; default 2048 or the model's context"),
     tp: Optional[int] = typer.Option(None, help="pin the tensor-parallel degree"),
@@ -118,7 +124,7 @@ def explain(
     virtual_stages: Optional[int] = typer.Option(None, help="pin chunks per pipeline rank"),
     schedule: Optional[ScheduleOpt] = typer.Option(None, help="pin the pipeline schedule"),
     recompute: Optional[RecomputeOpt] = typer.Option(None, help="pin activation recomputation"),
-    zero: Optional[int] = typer.Option(None, help="pin optimizer sharding: 0, 1 or 3 (FSDP)"),
+    zero: Optional[int] = typer.Option(None, help="pin the ZeRO stage: 0 (replicated), 2 or 3 (FSDP2, parameters gathered per step or per block)"),
     sequence_parallel: Optional[bool] = typer.Option(None, "--sequence-parallel/--no-sequence-parallel", help="pin sequence parallelism"),
     tp_across_nodes: bool = typer.Option(False, help="allow a TP group to span nodes"),
     profiler: ProfilerOpt = typer.Option(ProfilerOpt.analytic, help="analytic (fast, no torch) or meta (builds the HF model on the meta device)"),
@@ -185,6 +191,132 @@ def run(
     if node_rank is not None:
         argv += ["--node-rank", str(node_rank)]
     torchrun([*argv, script, *ctx.args])
+
+
+@app.command(cls=_Command)
+def calibrate(
+    nproc: int = typer.Option(1, "-n", "--nproc-per-node", help="Processes on this node (ranks, as 'autopar run -n')."),
+    out: Path = typer.Option(Path("cluster.json"), "--out", help="the cluster JSON to write (docs/clusters.md#measured)"),
+    model: list[str] = typer.Option([], "--model", help="also time this model's blocks at the TP degrees and micro-batches the planner considers (repeatable)"),
+    seq_len: Optional[int] = typer.Option(None, help="sequence length of the --model blocks; default 2048 or the model's context"),
+    global_batch: Optional[int] = typer.Option(None, help="global batch the --model blocks' micro-batches divide; default 8 per rank"),
+    dtype: Optional[str] = typer.Option(None, help="fp32 or bf16; default fp32 on CPU, bf16 on CUDA"),
+    quick: bool = typer.Option(False, "--quick", help="fewer shapes and sizes (about 15 s on 4 CPU ranks): a smoke test, not a calibration"),
+    nnodes: str = typer.Option("1", "--nnodes", help="Nodes (torchrun's MIN[:MAX] form)."),
+    node_rank: Optional[int] = typer.Option(None, "--node-rank", help="This node's rank (static rendezvous)."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="host:port of the rendezvous."),
+    rdzv_id: Optional[str] = typer.Option(None, "--rdzv-id", help="Job id shared by every node."),
+) -> None:
+    """Measure this machine's primitives under torchrun and write a cluster JSON for explain, bench and the executor.
+
+    Times matmuls and attention by shape, element-wise kernels, collectives and sends by group and size,
+    per-call overheads, ranks per core or device and the runtime's memory; never a layout's training step.
+    """
+    try:
+        opts = check_options({"nproc": nproc, "nnodes": nnodes, "node_rank": node_rank,
+                              "rdzv_endpoint": rdzv_endpoint, "rdzv_id": rdzv_id}, RUN_OPTIONS)
+        if dtype not in (None, "fp32", "bf16"):
+            raise AutoparError(f"--dtype {show(dtype)}: use fp32 or bf16")
+        from autopar.bench.calibrate import print_summary, run_calibrate
+        from autopar.schema import check_out_file
+
+        out = check_out_file(out, "--out", (".json",))
+        data = run_calibrate(nproc=opts["nproc"], out=out, models=model, seq_len=seq_len, global_batch=global_batch,
+                             dtype=dtype, quick=quick, nnodes=nnodes, node_rank=node_rank,
+                             rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
+    except AutoparError as err:
+        _fail(err)
+    if data is None:  # across nodes, the node that holds global rank 0 writes the file
+        typer.echo(f"calibrate: measured; {out} is written by the node that ran global rank 0 (the rendezvous "
+                   "numbers the nodes), not by this one", err=True)
+    else:
+        print_summary(data, out)
+
+
+@app.command(cls=_Command, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(
+    ctx: typer.Context,
+    script: Optional[Path] = typer.Argument(None, help="a training script to bench unchanged (then its own arguments); or --model for synthetic batches"),
+    nproc: int = typer.Option(1, "-n", "--nproc-per-node", help="ranks (processes on this node, as 'autopar run -n')"),
+    model: Optional[str] = typer.Option(None, help="bench this model (preset, config.json or cached HF id) on synthetic batches"),
+    global_batch: Optional[int] = typer.Option(None, help="--model: sequences per step; default 8 per rank"),
+    seq_len: Optional[int] = typer.Option(None, help="--model: tokens per sequence; default 2048 or the model's context"),
+    precision: Optional[Precision] = typer.Option(None, help="--model: fp32 (CPU default), bf16 (CUDA default) or bf16_mixed"),
+    cluster: Optional[str] = typer.Option(None, help="the cluster both the executor and the predictions plan for: a preset or a JSON file from 'autopar calibrate'; default this machine"),
+    memory_headroom: float = typer.Option(DEFAULT_MEMORY_HEADROOM, help="fraction of each device's memory the plans leave free"),
+    top: int = typer.Option(1, help="also bench the search's next best plans, up to this many in all"),
+    layout: list[str] = typer.Option([], "--layout", help="also bench this pinned layout, e.g. 'dp=2 tp=2 mb=4' (repeatable)"),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="a plain torch DDP row without autopar"),
+    warmup: int = typer.Option(2, help="untimed steps of each layout first (then one more, untimed, counts memory)"),
+    steps: int = typer.Option(10, help="timed steps of each layout per round"),
+    rounds: int = typer.Option(3, help="rounds; each runs every layout, the order rotated, so noise hits all alike"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the record here (docs/bench.md)"),
+    plot: Optional[Path] = typer.Option(None, help="draw predicted against measured step time (.png or .svg)"),
+    trace: Optional[Path] = typer.Option(None, help="write a torch.profiler trace of one step of each layout per rank into this folder (Chrome / Perfetto)"),
+    compare: Optional[Path] = typer.Option(None, help="a baseline record (--json of an earlier run): exit 1 on a regression"),
+    max_regression: str = typer.Option("5%", help="--compare: step-time increase that fails (beyond the measured spread too)"),
+    summary: Optional[Path] = typer.Option(None, help="append a markdown summary here (e.g. $GITHUB_STEP_SUMMARY)"),
+    from_json: Optional[Path] = typer.Option(None, "--from-json", help="run nothing: show (and --compare, --plot, --summary) a record an earlier bench wrote"),
+) -> None:
+    """Run autopar's plan, the top-k plans or pinned layouts a few steps each; measured against predicted.
+
+    `autopar bench train.py -n 4 --top 3 --steps 10 --json bench.json` or `autopar bench --model
+    gpt2 -n 4 --seq-len 128 --global-batch 16`; `--compare baseline.json --max-regression 5%` exits 1
+    on a regression (docs/bench.md, docs/ci.md).
+    """
+    try:
+        findings = _bench(locals(), ctx.args)
+    except AutoparError as err:
+        _fail(err)
+    if findings is not None and any(f.failed for f in findings):
+        raise typer.Exit(code=1)
+
+
+def _bench(kw: dict, script_args: list[str]):
+    from autopar.bench.compare import compare as compare_records
+    from autopar.bench.compare import parse_threshold
+    from autopar.bench.report import markdown, plot, print_table
+    from autopar.bench.run import run_bench
+    from autopar.schema import check_out_file, load_json_file
+
+    for flag in ("nproc", "top", "warmup", "steps", "rounds"):
+        if not 1 <= kw[flag] <= 10_000:
+            why = " (a first step's one-time buffers would distort the timing)" if flag == "warmup" else ""
+            name = "-n" if flag == "nproc" else f"--{flag}"
+            raise AutoparError(f"{name} {kw[flag]}: use a whole number from 1 to 10000{why}")
+    if kw["script"] is not None and kw["model"] is not None:
+        raise AutoparError("pass a training script or --model, not both")
+    threshold = parse_threshold(kw["max_regression"])
+    json_out = check_out_file(kw["json_out"], "--json", (".json",)) if kw["json_out"] else None
+    plot_out = check_out_file(kw["plot"], "--plot", (".png", ".svg")) if kw["plot"] else None
+    baseline = load_json_file(kw["compare"], "bench record") if kw["compare"] else None
+    if kw["from_json"] is not None:
+        if kw["script"] is not None or kw["model"] is not None:
+            raise AutoparError("--from-json shows a recorded run; drop the script / --model (or drop --from-json)")
+        record = load_json_file(kw["from_json"], "bench record")
+    else:
+        record = run_bench(_request(kw, script_args))
+    findings = compare_records(record, baseline, max_regression=threshold) if baseline is not None else None
+    if json_out:
+        json_out.write_text(json.dumps(record, indent=1) + "\n")
+    if plot_out:
+        plot(record, plot_out)
+    print_table(record, findings)
+    if kw["summary"]:
+        with open(kw["summary"], "a") as f:
+            f.write(markdown(record, findings, str(kw["compare"]) if kw["compare"] else None))
+    return findings
+
+
+def _request(kw: dict, script_args: list[str]):
+    from autopar.bench.run import BenchRequest, default_command
+
+    return BenchRequest(nproc=kw["nproc"], model=kw["model"], script=kw["script"], script_args=script_args,
+                       global_batch=kw["global_batch"], seq_len=kw["seq_len"],
+                       precision=kw["precision"].value if kw["precision"] else None, cluster=kw["cluster"],
+                       memory_headroom=kw["memory_headroom"], top=kw["top"], layouts=kw["layout"],
+                       baseline=kw["baseline"], warmup=kw["warmup"], steps=kw["steps"], rounds=kw["rounds"],
+                       trace=kw["trace"], command=default_command())
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ NICs per 8-GPU node give each GPU 25 GB/s. docs/clusters.md has the format.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 from autopar.errors import AutoparError
 from autopar.schema import CLUSTER, MAX_GPUS, check_fields, check_path_text, load_json_file, show
@@ -27,6 +27,30 @@ NETWORK_LATENCY_S = 10e-6
 """Per-step latency across nodes over InfiniBand (a few us of wire and switch
 latency plus NCCL's proxy; an assumption, rounded up)."""
 
+DEFAULT_MATMUL_CEILING = 0.8
+"""A device's best matmul fraction of peak when its JSON gives none: the A100 and H100 measure 0.86 and 0.80
+(``A100_MAMF``, ``H100_MAMF``)."""
+
+DEFAULT_ATTENTION_CEILING = 0.5
+"""A device's fused-attention fraction of peak when its JSON gives none (FlashAttention-2 reaches 50-73% of
+the A100's peak: Dao 2023, §4)."""
+
+A100_MAMF = 267.9 / 312
+"""A100 SXM's maximum achievable matmul FLOPS, bf16: 267.9 of 312 TFLOP/s (85.9%) at M x N x K = 6912 x
+16384 x 2048 (S. Bekman, ml-engineering, "Maximum Achievable Matmul FLOPS comparison table", CUDA 12.1)."""
+
+H100_MAMF = 792.1 / 989
+"""H100 SXM's, bf16: 792.1 of 989 TFLOP/s (80.1%) at 6144 x 17920 x 2816 (the same table, CUDA 12.1). The
+H200 shares the H100's compute die and clocks: the same value."""
+
+A100_FLASH = 0.55
+"""FlashAttention-2's forward and backward on an A100, causal, head dim 128, 2k tokens: about 170 of
+312 TFLOP/s counting the causal blocks (Dao 2023, Fig. 5; 50-73% of peak over all its settings)."""
+
+H100_FLASH = 0.33
+"""FlashAttention-2 on an H100 SXM5: at most 335 of 989 TFLOP/s (Dao 2023, §4.1, Fig. 7): it uses none of
+Hopper's new matmul instructions (FlashAttention-3 does)."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class DeviceSpec:
@@ -41,6 +65,41 @@ class DeviceSpec:
     """Memory bandwidth (roofline for element-wise and optimizer work)."""
     context_bytes: float = 0.0
     """Memory taken before any tensor: CUDA context, NCCL buffers, cuBLAS workspace."""
+    kind: str = "gpu"
+    """``gpu`` or ``cpu`` (a rank is a process on a host's cores, gloo): whose kernels the profile prices."""
+    sm_count: int = 0
+    """Streaming multiprocessors: how many matmul tiles run in one wave (autopar.cost.kernels); 0 when
+    unknown (no wave quantisation is priced)."""
+    matmul_ceiling: float = DEFAULT_MATMUL_CEILING
+    """The best achieved fraction of ``peak_flops_per_s`` in one large bf16 matmul (the "maximum achievable
+    matmul FLOPS" of the device), measured at ``matmul_ceiling_shape``."""
+    matmul_ceiling_shape: tuple[int, int, int] = (8192, 8192, 8192)
+    """(M, K, N) at which ``matmul_ceiling`` was measured: the shape model is anchored there."""
+    attention_ceiling: float = DEFAULT_ATTENTION_CEILING
+    """Achieved fraction of ``peak_flops_per_s`` in a fused (flash) attention kernel's forward and backward,
+    counting the FLOPs of the causal blocks it computes."""
+    measured_matmul: tuple[tuple[int, int, int, float], ...] = ()
+    """Measured (M, K, N, FLOP/s) of single bf16 matmuls on this device; when present they replace the
+    tile model (docs/clusters.md, "Measured kernels"; ``autopar explain --measure``, ``autopar calibrate``)."""
+    measured_attention: tuple[tuple[int, int, float], ...] = ()
+    """Measured (seq_len, head_dim, FLOP/s, causal FLOPs) of the fused attention kernel's forward and backward;
+    when present they replace ``attention_ceiling``."""
+
+    def __hash__(self) -> int:
+        """Computed once: the kernel models cache by device (autopar.cost.kernels), and a measured table
+        can hold thousands of rows."""
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, f.name) for f in fields(self)))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    def __post_init__(self) -> None:
+        for name in ("matmul_ceiling", "attention_ceiling"):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise AutoparError(f"device {show(self.name)}: {name}={value!r} must be in (0, 1]: a kernel "
+                                   "cannot beat the device's peak; give the measured fraction of peak_tflops")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,9 +113,33 @@ class ClusterSpec:
     intra_node_bytes_per_s: float
     """Per GPU, per direction (NVLink / NVSwitch)."""
     inter_node_bytes_per_s: float
-    """Per GPU, per direction (its share of the node's NICs)."""
+    """Per NIC, per direction (with the default one NIC per GPU: each GPU's share of the node's NICs)."""
     intra_node_latency_s: float = NVLINK_LATENCY_S
     inter_node_latency_s: float = NETWORK_LATENCY_S
+    nics_per_node: int = 0
+    """NICs that carry a node's inter-node traffic; 0: one per GPU (DGX A100 and H100: eight)."""
+    ranks_per_device: float = 1.0
+    """Ranks sharing one device: on a CPU host the node's processes (times their threads) over its cores
+    (4 one-thread gloo ranks on 2 cores: 2.0); 1 with a device per rank. Counted by ``autopar calibrate``,
+    whose kernel rates are one rank's alone (docs/clusters.md#measured)."""
+    shared_slowdown: float = 1.0
+    """How much slower a rank computes when every rank of its node computes at once than alone, measured by
+    ``autopar calibrate`` (4 ranks on 2 cores: about 2.2-2.6, sharing also costs caches and switches)."""
+    comm_overlap: float = 1.0
+    """Share of an asynchronous collective's time hidden behind compute: 1 where it runs apart from the
+    compute (NCCL on its own stream); measured by ``autopar calibrate`` (gloo on CPU ranks that share
+    cores: near 0). The data-parallel overlap the cost model assumes is scaled by it."""
+    measured_collectives: tuple[tuple[str, int, bool, float, float], ...] = ()
+    """(op, group size, across nodes, latency s, bytes/s) fitted by ``autopar calibrate``: one ``op``
+    (all_reduce, all_gather, reduce_scatter) of an n-byte tensor over the group takes latency + n / rate,
+    every group of that size communicating at once (docs/clusters.md#measured)."""
+    measured_p2p: tuple[tuple[bool, float, float], ...] = ()
+    """(across nodes, latency s, bytes/s) of one pipeline send of n bytes, every pair at once."""
+    measured_overheads_s: tuple[tuple[str, float], ...] = ()
+    """Fixed seconds per call, measured: ``op`` (an eager op), ``autograd_op`` (one recorded op and its
+    backward), ``module`` (an nn.Linear forward and backward), ``barrier``."""
+    calibration: str = ""
+    """Where and when the measured fields were measured (``autopar calibrate``); empty for presets."""
 
     def __post_init__(self) -> None:
         for field_name in ("nodes", "gpus_per_node"):
@@ -68,6 +151,9 @@ class ClusterSpec:
                 f"cluster {show(self.name)}: {self.nodes} nodes x {self.gpus_per_node} GPUs = "
                 f"{self.nodes * self.gpus_per_node:,} GPUs, more than {MAX_GPUS:,} (2**20, 5x the largest "
                 "clusters built); use fewer nodes or GPUs per node")
+        if isinstance(self.nics_per_node, bool) or not isinstance(self.nics_per_node, int) or self.nics_per_node < 0:
+            raise AutoparError(f"cluster nics_per_node={self.nics_per_node!r} must be a positive integer "
+                               "(0 or absent: one NIC per GPU)")
         for field_name in ("intra_node_bytes_per_s", "inter_node_bytes_per_s"):
             if not getattr(self, field_name) > 0:
                 raise AutoparError(f"cluster {field_name}={getattr(self, field_name)!r} must be > 0")
@@ -78,11 +164,32 @@ class ClusterSpec:
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
 
+    @property
+    def node_nic_bytes_per_s(self) -> float:
+        """A node's NICs together, per direction."""
+        return (self.nics_per_node or self.gpus_per_node) * self.inter_node_bytes_per_s
+
     def link(self, inter_node: bool) -> tuple[float, float]:
-        """(latency s, bandwidth bytes/s) of the intra- or inter-node link."""
+        """(latency s, bandwidth bytes/s) of one GPU's intra- or inter-node link: across nodes, its share of
+        the node's NICs (what each GPU gets when every GPU of the node sends at once)."""
         if inter_node:
-            return self.inter_node_latency_s, self.inter_node_bytes_per_s
+            return self.inter_node_latency_s, self.node_nic_bytes_per_s / self.gpus_per_node
         return self.intra_node_latency_s, self.intra_node_bytes_per_s
+
+    def measured_collective(self, op: str, group: int, inter_node: bool) -> tuple[float, float] | None:
+        """(latency s, bytes/s) ``autopar calibrate`` fitted for ``op`` over groups of ``group`` ranks
+        (``measured_collectives``), or None where that was not measured."""
+        for m_op, m_group, m_inter, latency, rate in self.measured_collectives:
+            if (m_op, m_group, m_inter) == (op, group, inter_node):
+                return latency, rate
+        return None
+
+    def measured_send(self, inter_node: bool) -> tuple[float, float] | None:
+        """(latency s, bytes/s) of one measured pipeline send (``measured_p2p``), or None."""
+        for m_inter, latency, rate in self.measured_p2p:
+            if m_inter == inter_node:
+                return latency, rate
+        return None
 
     def with_gpus(self, gpus: int | None = None, nodes: int | None = None,
                   gpus_per_node: int | None = None) -> "ClusterSpec":
@@ -120,9 +227,17 @@ CUDA_CONTEXT_BYTES = 1.0 * GIB
 up to 1 GiB (an assumption; `autopar bench` will measure it)."""
 
 
-def _gpu(name: str, tflops: float, mem_mib: float, hbm_tbps: float) -> DeviceSpec:
+def _gpu(name: str, tflops: float, mem_mib: float, hbm_tbps: float, **kernels) -> DeviceSpec:
     return DeviceSpec(name=name, peak_flops_per_s=tflops * 1e12, memory_bytes=mem_mib * 1024**2,
-                      hbm_bytes_per_s=hbm_tbps * 1e12, context_bytes=CUDA_CONTEXT_BYTES)
+                      hbm_bytes_per_s=hbm_tbps * 1e12, context_bytes=CUDA_CONTEXT_BYTES, **kernels)
+
+
+A100_KERNELS = dict(sm_count=108, matmul_ceiling=A100_MAMF, matmul_ceiling_shape=(6912, 2048, 16384),
+                    attention_ceiling=A100_FLASH)
+"""The A100's kernel rates: 108 SMs (NVIDIA A100 whitepaper), ``A100_MAMF``, ``A100_FLASH``."""
+H100_KERNELS = dict(sm_count=132, matmul_ceiling=H100_MAMF, matmul_ceiling_shape=(6144, 2816, 17920),
+                    attention_ceiling=H100_FLASH)
+"""The H100 SXM5's (and H200's): 132 SMs (NVIDIA H100 whitepaper), ``H100_MAMF``, ``H100_FLASH``."""
 
 
 # Peaks and memory: NVIDIA datasheets (A100: 312 TFLOP/s bf16 dense, 1.555 /
@@ -130,10 +245,10 @@ def _gpu(name: str, tflops: float, mem_mib: float, hbm_tbps: float) -> DeviceSpe
 # memory as nvidia-smi reports it. Links: NVLink3 600 GB/s and NVLink4 900 GB/s
 # bidirectional per GPU; DGX A100 8x HDR 200 Gb/s, DGX H100 8x NDR 400 Gb/s.
 PRESETS: dict[str, ClusterSpec] = {
-    "a100-40gb": _dgx("a100-40gb", _gpu("A100-SXM4-40GB", 312, 40960, 1.555), 300, 25),
-    "a100-80gb": _dgx("a100-80gb", _gpu("A100-SXM4-80GB", 312, 81920, 2.039), 300, 25),
-    "h100-80gb": _dgx("h100-80gb", _gpu("H100-SXM5-80GB", 989, 81559, 3.35), 450, 50),
-    "h200": _dgx("h200", _gpu("H200-SXM-141GB", 989, 143771, 4.8), 450, 50),
+    "a100-40gb": _dgx("a100-40gb", _gpu("A100-SXM4-40GB", 312, 40960, 1.555, **A100_KERNELS), 300, 25),
+    "a100-80gb": _dgx("a100-80gb", _gpu("A100-SXM4-80GB", 312, 81920, 2.039, **A100_KERNELS), 300, 25),
+    "h100-80gb": _dgx("h100-80gb", _gpu("H100-SXM5-80GB", 989, 81559, 3.35, **H100_KERNELS), 450, 50),
+    "h200": _dgx("h200", _gpu("H200-SXM-141GB", 989, 143771, 4.8, **H100_KERNELS), 450, 50),
 }
 
 
@@ -147,17 +262,20 @@ CPU_LOOPBACK_BYTES_PER_S = 2e9
 """gloo over loopback TCP between processes on one host (order of GB/s)."""
 
 
-def cpu_cluster() -> ClusterSpec:
-    """This host as a one-node cluster: one process per core (gloo on CPU)."""
+def cpu_cluster(processes: int | None = None) -> ClusterSpec:
+    """This host as a one-node cluster of ``processes`` ranks (gloo on CPU; default one per core), each
+    with an equal share of the host's memory."""
     cores = os.cpu_count() or 1
+    processes = processes or cores
     try:
         with open("/proc/meminfo") as f:
             mem_kib = int(f.readline().split()[1])
     except (OSError, ValueError, IndexError):
         mem_kib = 8 * 1024**2
     device = DeviceSpec(name="cpu-core", peak_flops_per_s=CPU_FLOPS_PER_CYCLE_PER_CORE * CPU_CLOCK_HZ,
-                        memory_bytes=mem_kib * 1024 / cores, hbm_bytes_per_s=CPU_MEMORY_BYTES_PER_S / cores)
-    return ClusterSpec(name="cpu", nodes=1, gpus_per_node=cores, device=device,
+                        memory_bytes=mem_kib * 1024 / processes, hbm_bytes_per_s=CPU_MEMORY_BYTES_PER_S / cores,
+                        kind="cpu")
+    return ClusterSpec(name="cpu", nodes=1, gpus_per_node=processes, device=device,
                        intra_node_bytes_per_s=CPU_LOOPBACK_BYTES_PER_S,
                        inter_node_bytes_per_s=CPU_LOOPBACK_BYTES_PER_S / 10,
                        intra_node_latency_s=50e-6, inter_node_latency_s=100e-6)
@@ -165,14 +283,19 @@ def cpu_cluster() -> ClusterSpec:
 
 def cluster_from_dict(data: dict, name: str = "custom") -> ClusterSpec:
     """Read the documented JSON shape (docs/clusters.md), checked against :data:`autopar.schema.CLUSTER`."""
-    c = check_fields(data, CLUSTER, where=f"cluster JSON {show(name)}")
+    where = f"cluster JSON {show(name)}"
+    c = check_fields(data, CLUSTER, where=where)
     dev = c["device"]
+    raw_device = data["device"]
+    matmul, attention = measured_kernels_from_dict(raw_device.get("measured"), where, dev["peak_tflops"])
+    kernels = {k: dev[k] for k in ("sm_count", "matmul_ceiling", "attention_ceiling") if raw_device.get(k) is not None}
     device = DeviceSpec(
         name=dev["name"],
         peak_flops_per_s=dev["peak_tflops"] * 1e12,
         memory_bytes=dev["memory_gib"] * GIB,
         hbm_bytes_per_s=dev["hbm_TBps"] * 1e12,
         context_bytes=dev["context_gib"] * GIB,
+        measured_matmul=matmul, measured_attention=attention, kind=dev["kind"], **kernels,
     )
     return ClusterSpec(
         name=name, device=device, nodes=c["nodes"], gpus_per_node=c["gpus_per_node"],
@@ -180,7 +303,161 @@ def cluster_from_dict(data: dict, name: str = "custom") -> ClusterSpec:
         inter_node_bytes_per_s=c["inter_node_GBps"] * 1e9,
         intra_node_latency_s=c["intra_node_latency_us"] * 1e-6,
         inter_node_latency_s=c["inter_node_latency_us"] * 1e-6,
+        nics_per_node=c["nics_per_node"] or 0,
+        **measured_links_from_dict(data.get("measured"), where),
     )
+
+
+MAX_MEASURED_POINTS = 4096
+"""Rows of a measured kernel table: a sweep of 16 sizes per dimension of a matmul is 4096 shapes."""
+
+MAX_MEASURED_DIM = 2**24
+"""Largest matmul dimension or sequence length in a measured table (as autopar.schema.MAX_SEQ)."""
+
+
+def measured_kernels_from_dict(data, where: str, peak_tflops: float) -> tuple[tuple, tuple]:
+    """The ``device.measured`` object of a cluster JSON (docs/clusters.md, "Measured kernels") as
+    (:attr:`DeviceSpec.measured_matmul`, :attr:`DeviceSpec.measured_attention`); absent: ((), ()).
+
+    Raises:
+        AutoparError: a row that is not ``[M, K, N, TFLOP/s]`` / ``[seq_len, head_dim, TFLOP/s]`` of positive
+            numbers, a dimension past 2**24, a rate above ``peak_tflops``, or more than 4096 rows; the message
+            names the row, the rule and the fix.
+    """
+    if data is None:
+        return (), ()
+    if not isinstance(data, dict):
+        raise AutoparError(f"{where}: device.measured={show(data)} must be a JSON object "
+                           '{"source": ..., "matmul": [[M, K, N, TFLOP/s], ...], "attention": [...]}; '
+                           "see docs/clusters.md, Measured kernels")
+    tables = []
+    for key, columns in (("matmul", ("M", "K", "N")), ("attention", ("seq_len", "head_dim"))):
+        rows = data.get(key) or []
+        if not isinstance(rows, list) or len(rows) > MAX_MEASURED_POINTS:
+            raise AutoparError(f"{where}: device.measured.{key} must be a list of at most {MAX_MEASURED_POINTS} "
+                               f"rows [{', '.join(columns)}, TFLOP/s]; write fewer, larger shapes")
+        tables.append(tuple(_measured_row(row, f"device.measured.{key}[{i}]", columns, where, peak_tflops)
+                            for i, row in enumerate(rows)))
+    return tables[0], tables[1]
+
+
+def _measured_row(row, path: str, columns: tuple[str, ...], where: str, peak_tflops: float) -> tuple:
+    """One row, its dimensions as ints and its rate in FLOP/s."""
+    shape = f"[{', '.join(columns)}, TFLOP/s]"
+    if not isinstance(row, list) or len(row) != len(columns) + 1 or any(
+            isinstance(x, bool) or not isinstance(x, (int, float)) for x in row):
+        raise AutoparError(f"{where}: {path}={show(row)} must be {shape}, numbers; write it as e.g. "
+                           f"{[4096] * len(columns) + [600.0]}")
+    *dims, tflops = row
+    for name, value in zip(columns, dims):
+        if value != int(value) or not 1 <= value <= MAX_MEASURED_DIM:
+            raise AutoparError(f"{where}: {path}: {name}={show(value)} must be a whole number from 1 to "
+                               f"{MAX_MEASURED_DIM:,}; write the shape that was timed")
+    if not 0 < tflops <= peak_tflops:
+        raise AutoparError(f"{where}: {path}: {tflops!r} TFLOP/s must be above 0 and at most the device's "
+                           f"peak_tflops={peak_tflops:g}: a kernel cannot beat the peak; measure again or "
+                           "fix device.peak_tflops")
+    return (*(int(d) for d in dims), tflops * 1e12)
+
+
+def measured_kernels_to_dict(device: DeviceSpec, source: str) -> dict:
+    """The ``device.measured`` object for ``device``'s tables (what :func:`measured_kernels_from_dict` reads):
+    what ``autopar explain --measure`` and ``autopar calibrate`` write into a cluster JSON."""
+    return {"source": source,
+            "matmul": [[m, k, n, round(r / 1e12, 3)] for m, k, n, r in device.measured_matmul],
+            "attention": [[s, d, round(r / 1e12, 3)] for s, d, r in device.measured_attention]}
+
+
+MEASURED_FORMAT_VERSION = 1
+"""Version of the cluster-level ``measured`` object ``autopar calibrate`` writes (docs/clusters.md#measured)."""
+
+COLLECTIVE_OPS = ("all_reduce", "all_gather", "reduce_scatter")
+
+
+def measured_links_from_dict(data, where: str) -> dict:
+    """The cluster-level ``measured`` object of a cluster JSON (docs/clusters.md#measured) as
+    :class:`ClusterSpec` keyword arguments; absent: {}.
+
+    Raises:
+        AutoparError: another format version, or a row that is not the documented list of positive numbers.
+    """
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or data.get("format_version") != MEASURED_FORMAT_VERSION:
+        raise AutoparError(f"{where}: measured must be an object with format_version {MEASURED_FORMAT_VERSION} "
+                           "(written by autopar calibrate); run autopar calibrate again, or drop measured")
+    colls = tuple(_link_row(r, f"measured.collectives[{i}]", where, 2) for i, r in
+                  enumerate(data.get("collectives") or []))
+    p2p = tuple(_link_row(r, f"measured.p2p[{i}]", where, 0) for i, r in enumerate(data.get("p2p") or []))
+    overheads = data.get("overheads_us") or {}
+    if not isinstance(overheads, dict) or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0
+                                              for v in overheads.values()):
+        raise AutoparError(f"{where}: measured.overheads_us={show(overheads)} must map names to microseconds >= 0")
+    overlap = data.get("comm_overlap", 1.0)
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap <= 1:
+        raise AutoparError(f"{where}: measured.comm_overlap={show(overlap)} must be a fraction from 0 to 1")
+    sharing = {"comm_overlap": float(overlap)}
+    for key in ("ranks_per_device", "shared_slowdown"):
+        value = data.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value <= MAX_GPUS:
+            raise AutoparError(f"{where}: measured.{key}={show(value)} must be a number of at least 1 "
+                               "(1: a device per rank); run autopar calibrate again")
+        sharing[key] = float(value)
+    calibration = data.get("calibration", "measured")
+    if not isinstance(calibration, str):
+        raise AutoparError(f"{where}: measured.calibration={show(calibration)} must be a string (where and when)")
+    return {"measured_collectives": colls, "measured_p2p": p2p, **sharing,
+            "measured_overheads_s": tuple(sorted((str(k), v * 1e-6) for k, v in overheads.items())),
+            "calibration": calibration}
+
+
+def _link_row(row, path: str, where: str, head: int) -> tuple:
+    """``[op, group, inter_node, latency_us, GBps]`` (head 2) or ``[inter_node, latency_us, GBps]`` (head 0)
+    as (op, group, inter_node, latency s, bytes/s) or (inter_node, latency s, bytes/s)."""
+    shape = "[op, group, inter_node, latency_us, GBps]" if head else "[inter_node, latency_us, GBps]"
+    ok = isinstance(row, list) and len(row) == head + 3
+    if ok and head:
+        ok = row[0] in COLLECTIVE_OPS and isinstance(row[1], int) and not isinstance(row[1], bool) and row[1] >= 2
+    if ok:
+        ok = isinstance(row[head], bool) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in row[head + 1:])
+        ok = ok and row[head + 1] >= 0 and row[head + 2] > 0
+    if not ok:
+        raise AutoparError(f"{where}: {path}={show(row)} must be {shape} (op one of {', '.join(COLLECTIVE_OPS)}, "
+                           "group >= 2, inter_node true/false, latency >= 0, GBps > 0); run autopar calibrate again")
+    return (*row[:head], row[head], row[head + 1] * 1e-6, row[head + 2] * 1e9)
+
+
+def measured_links_to_dict(cluster: ClusterSpec) -> dict | None:
+    """The cluster-level ``measured`` object for ``cluster``'s measured fields (None when it has none);
+    :func:`measured_links_from_dict` reads it back."""
+    if not (cluster.measured_collectives or cluster.measured_p2p or cluster.measured_overheads_s):
+        return None
+    return {"format_version": MEASURED_FORMAT_VERSION, "calibration": cluster.calibration,
+            "ranks_per_device": cluster.ranks_per_device, "shared_slowdown": cluster.shared_slowdown,
+            "comm_overlap": cluster.comm_overlap, "collectives": [[op, g, inter, lat * 1e6, bw / 1e9]
+                            for op, g, inter, lat, bw in cluster.measured_collectives],
+            "p2p": [[inter, lat * 1e6, bw / 1e9] for inter, lat, bw in cluster.measured_p2p],
+            "overheads_us": {k: v * 1e6 for k, v in cluster.measured_overheads_s}}
+
+
+def cluster_to_dict(cluster: ClusterSpec, source: str = "") -> dict:
+    """``cluster`` in the documented JSON shape (docs/clusters.md); :func:`cluster_from_dict` reads it back."""
+    dev = cluster.device
+    device = {"name": dev.name, "peak_tflops": dev.peak_flops_per_s / 1e12, "memory_gib": dev.memory_bytes / GIB,
+              "hbm_TBps": dev.hbm_bytes_per_s / 1e12,
+              "context_gib": max(dev.context_bytes / GIB, 1e-3),  # the schema's least (the CPU host's is 0)
+              "sm_count": dev.sm_count or None, "matmul_ceiling": dev.matmul_ceiling,
+              "attention_ceiling": dev.attention_ceiling}
+    if dev.measured_matmul or dev.measured_attention:
+        device["measured"] = measured_kernels_to_dict(dev, source)
+    device["kind"] = dev.kind
+    measured = measured_links_to_dict(cluster)
+    return {"nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node, "device": device,
+            "intra_node_GBps": cluster.intra_node_bytes_per_s / 1e9,
+            "inter_node_GBps": cluster.inter_node_bytes_per_s / 1e9, "nics_per_node": cluster.nics_per_node or None,
+            "intra_node_latency_us": cluster.intra_node_latency_s * 1e6,
+            "inter_node_latency_us": cluster.inter_node_latency_s * 1e6} | ({"measured": measured} if measured else {})
 
 
 def load_cluster(ref: str | None) -> ClusterSpec:

@@ -93,6 +93,15 @@ def show(value: Any, limit: int = SHOW_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def show_path(path, limit: int = SHOW_CHARS) -> str:
+    """A path as an error shows it: like :func:`show`, but a long one keeps both ends (its file name is last)."""
+    text = escape_text(repr(str(path)))
+    if len(text) <= limit:
+        return text
+    tail = (limit - 3) // 2
+    return text[: limit - 3 - tail] + "..." + text[-tail:]
+
+
 # --- fields -----------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
@@ -372,19 +381,19 @@ def load_json_file(path: Path, what: str) -> Any:
 def check_out_file(path: Path, flag: str, suffixes: tuple[str, ...]) -> Path:
     """A file we may create: right suffix, its folder exists and takes a new file (probed, not guessed)."""
     if path.suffix.lower() not in suffixes:
-        raise AutoparError(f"{flag} {show(str(path))}: use a {' or '.join(suffixes)} file name")
+        raise AutoparError(f"{flag} {show_path(path)}: use a {' or '.join(suffixes)} file name")
     parent = path.parent
     if not os.path.isdir(parent):
         state = "is not a folder" if os.path.lexists(parent) else "does not exist"
-        raise AutoparError(f"{flag} {show(str(path))}: {show(str(parent))} {state}; "
+        raise AutoparError(f"{flag} {show_path(path)}: {show_path(parent)} {state}; "
                            "create the folder or pick another one")
     if os.path.isdir(path) or (os.path.lexists(path) and not os.access(path, os.W_OK)):
-        raise AutoparError(f"{flag} {show(str(path))}: exists and cannot be overwritten; pick another file name")
+        raise AutoparError(f"{flag} {show_path(path)}: exists and cannot be overwritten; pick another file name")
     try:
         with tempfile.NamedTemporaryFile(dir=parent, prefix=".autopar-probe-"):
             pass
     except OSError as err:
-        raise AutoparError(f"{flag} {show(str(path))}: cannot write in {show(str(parent))} ({err.strerror}); "
+        raise AutoparError(f"{flag} {show_path(path)}: cannot write in {show_path(parent)} ({err.strerror}); "
                            "pick a writable folder") from None
     return path
 
@@ -483,31 +492,45 @@ MODEL_NAME = Field(key="_autopar_name", kind="text")
 MODEL_CONFIG: tuple[Field, ...] = (
     MODEL_TYPE,
     MODEL_NAME,
-    _int("num_hidden_layers", MAX_LAYERS, _LAYERS_WHY, aliases=("n_layer",), required=True,
+    _int("num_hidden_layers", MAX_LAYERS, _LAYERS_WHY, aliases=("n_layer", "n_layers"), required=True,
          if_missing=_NEEDED),
-    _int("hidden_size", MAX_HIDDEN, "2**20, 64x the widest models", aliases=("n_embd",), required=True,
-         if_missing=_NEEDED),
-    _int("num_attention_heads", MAX_HEADS, "2**16: heads of at least 16 wide in 2**20", aliases=("n_head",),
+    _int("hidden_size", MAX_HIDDEN, "2**20, 64x the widest models", aliases=("n_embd", "n_embed", "d_model"),
          required=True, if_missing=_NEEDED),
+    _int("num_attention_heads", MAX_HEADS, "2**16: heads of at least 16 wide in 2**20",
+         aliases=("n_head", "n_heads"), required=True, if_missing=_NEEDED),
     _int("num_key_value_heads", MAX_HEADS, "2**16, as num_attention_heads"),
+    _int("num_kv_heads", MAX_HEADS, "2**16, as num_attention_heads"),
     _int("head_dim", MAX_HIDDEN, "2**20, as hidden_size"),
     _int("vocab_size", MAX_VOCAB, "2**24, 64x the largest vocabularies", required=True,
          if_missing=_NEEDED),
     _int("max_position_embeddings", MAX_SEQ, "2**24 tokens, past the longest contexts",
-         aliases=("n_positions",), default=2048),
-    _int("intermediate_size", MAX_FFN, "2**22, 4x the largest hidden size"),
-    _int("n_inner", MAX_FFN, "2**22, 4x the largest hidden size"),
-    Field(key="activation_function", kind="text"),
-    Field(key="hidden_act", kind="text"),
+         aliases=("n_positions", "max_seq_len"), default=2048),
+    *(_int(key, MAX_FFN, "2**22, 4x the largest hidden size") for key in ("intermediate_size", "n_inner",
+                                                                          "ffn_dim", "ffn_hidden_size")),
+    _int("word_embed_proj_dim", MAX_HIDDEN, "2**20, as hidden_size"),
+    _int("expansion_ratio", 64, "64; MLPs are 2-8x the hidden size"),
+    _int("num_ln_in_parallel_attn", 2, "Falcon has 1 or 2 norms per parallel block"),
+    *(Field(key=key, kind="text") for key in ("activation_function", "hidden_act", "hidden_activation",
+                                             "activation")),
     *(_fraction(key) for key in ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout",
-                                 "hidden_dropout")),
+                                 "hidden_dropout", "dropout", "residual_dropout", "embedding_dropout")),
     _fraction("rotary_pct", lo=1e-6),
     _fraction("partial_rotary_factor", lo=1e-6),
+    *(Field(key=key, kind="number", lo=1e-6, hi=1e6, why="caps are tens (Gemma 2: 50 and 30)")
+      for key in ("attn_logit_softcapping", "final_logit_softcapping")),
+    Field(key="rope_parameters", kind="object", fields=(_fraction("partial_rotary_factor", lo=1e-6),)),
+    Field(key="attn_config", kind="object", fields=(
+        _fraction("attn_pdrop"), Field(key="attn_type", kind="text"),
+        *(Field(key=key, kind="bool") for key in ("alibi", "qk_ln")))),
     Field(key="architectures", kind="texts", default=()),
-    *(Field(key=key, kind="bool") for key in ("tie_word_embeddings", "attention_bias", "mlp_bias",
-                                             "use_parallel_residual")),
+    *(Field(key=key, kind="bool") for key in (
+        "tie_word_embeddings", "attention_bias", "mlp_bias", "use_parallel_residual", "use_bias", "bias",
+        "enable_bias", "no_bias", "multi_query", "new_decoder_architecture", "parallel_attn", "alibi",
+        "do_layer_norm_before", "layer_norm_elementwise_affine")),
 )
-"""The fields of a HF ``config.json`` that autopar reads (autopar.profile.config, analytic)."""
+"""The fields of a HF ``config.json`` that autopar reads (autopar.profile.config, analytic). Families
+name the same thing differently (MPT's ``d_model``, Falcon's ``num_kv_heads``, OPT's ``ffn_dim``); each
+spelling is checked, and autopar.profile.config reads the one its family uses."""
 
 
 def _positive(key: str, lo: float, hi: float, why: str, **kw) -> Field:
@@ -524,6 +547,11 @@ CLUSTER_DEVICE: tuple[Field, ...] = (
               if_missing=f"add device.memory_gib; {_CLUSTER_FIX}"),
     _positive("hbm_TBps", 1e-3, 1e3, "1 PB/s; an H200 does 4.8 TB/s", default=2.0),
     _positive("context_gib", 1e-3, 2.0**16, "as memory_gib", default=1.0),
+    _int("sm_count", 2**16, "2**16; an H100 has 132"),
+    _positive("matmul_ceiling", 1e-3, 1.0, "a fraction of peak_tflops: a matmul cannot beat the peak", default=0.8),
+    _positive("attention_ceiling", 1e-3, 1.0, "a fraction of peak_tflops", default=0.5),
+    Field(key="kind", kind="choice", choices=("gpu", "cpu"), default="gpu",
+          why="a GPU, or a host's cores shared by gloo processes (autopar calibrate on a CPU)"),
 )
 
 CLUSTER: tuple[Field, ...] = (
@@ -537,6 +565,7 @@ CLUSTER: tuple[Field, ...] = (
               if_missing=f"add inter_node_GBps; {_CLUSTER_FIX}"),
     _positive("intra_node_latency_us", 1e-3, 1e6, "one second", default=5.0),
     _positive("inter_node_latency_us", 1e-3, 1e6, "one second", default=10.0),
+    _int("nics_per_node", MAX_GPUS_PER_NODE, "as gpus_per_node"),
 )
 """A cluster JSON file (docs/clusters.md)."""
 
@@ -553,11 +582,15 @@ EXPLAIN_OPTIONS: tuple[Field, ...] = (
     _int("dp", MAX_GPUS, _GPUS_WHY),
     _int("micro_batch", MAX_BATCH, "2**30 sequences, as --global-batch"),
     _int("virtual_stages", MAX_LAYERS, "at most one chunk per layer"),
-    Field(key="zero", kind="choice", choices=(0, 1, 3), why="ZeRO stages autopar plans; 3 is FSDP"),
+    Field(key="zero", kind="choice", choices=(0, 2, 3),
+          why="ZeRO stages autopar runs: 0 replicated, 2 and 3 FSDP2; 1, the optimizer state sharded alone, is "
+              "not run: use 2"),
     Field(key="split_solver", kind="choice", choices=("auto", "highs", "cbc", "dp")),
     Field(key="plot", kind="out_file", choices=(".png", ".svg")),
+    Field(key="memory_headroom", kind="number", lo=0.0, hi=1.0, why="a fraction of device memory; below 1"),
     *(Field(key=key, kind="flag") for key in ("schedule", "recompute", "sequence_parallel", "tp_across_nodes",
-                                             "profiler", "attention", "alternatives", "measure")),
+                                             "profiler", "attention", "alternatives", "measure", "precision",
+                                             "from_env")),
     Field(key="json_out", kind="flag", flag="--json"),
 )
 """Options of ``autopar explain`` (enums and bools are checked by click: kind ``flag``)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from autopar.calibrate import MEGATRON_2021, dev_cluster, eq3_flops, load_dev_set, predict_published
+from autopar.cost.constants import MODEL_ERROR
 from autopar.plan.search import search
 
 RUNS = load_dev_set()
@@ -40,7 +41,12 @@ def test_published_layout_predicted_within_15_percent(run):
 @pytest.mark.parametrize("run", RUNS, ids=[r.id for r in RUNS])
 def test_unpinned_plan_is_at_least_as_fast_and_fits(run):
     published = predict_published(run).best.cost
-    ours = search(run.profile, dev_cluster(run), global_batch_size=run.global_batch_size,
-                  opts=MEGATRON_2021, alternatives=False).best.cost
+    result = search(run.profile, dev_cluster(run), global_batch_size=run.global_batch_size,
+                    opts=MEGATRON_2021, alternatives=False)
+    ours, fastest = result.best.cost, (result.fastest or result.best).cost
     assert ours.fits
-    assert ours.step_time_s <= published.step_time_s * (1 + 1e-9)
+    assert fastest.step_time_s <= published.step_time_s * (1 + 1e-9)
+    # The plan itself may be the more robust one inside the model's error, and then says so
+    # (autopar.plan.robust [Note: robust choice]; issue 10, acceptance 2).
+    assert ours.step_time_s <= published.step_time_s * (1 + 1e-9) or (
+        result.choice_reason and ours.step_time_s <= fastest.step_time_s * (1 + MODEL_ERROR))

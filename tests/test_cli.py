@@ -81,7 +81,7 @@ def _bad_config(tmp_path, text: str) -> str:
     (["gpt2", "--seq-len", "-1"], "--seq-len -1"),
     (["gpt2", "--seq-len", "4096"], "exceeds gpt2's 1024 learned positions"),
     (["gpt2", "--tp", "0"], "--tp 0"),
-    (["gpt2", "--zero", "2"], "--zero 2: use 0, 1 or 3"),
+    (["gpt2", "--zero", "1"], "--zero 1: use 0, 2 or 3 (ZeRO stages autopar runs"),
     (["gpt2", "--gpus", "12"], "not a whole number of 8-GPU nodes"),
     (["gpt3-175b", "--gpus", "1024", "--global-batch", "1001"], "divisible by no data-parallel degree"),
     (["llama-3-405b", "--gpus", "8"], "fits no layout"),

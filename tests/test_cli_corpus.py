@@ -89,7 +89,7 @@ def _explain(*args: str) -> Callable[[Path], list[str]]:
 # --- generated from the schemas ---------------------------------------------------
 
 _WRONG = {"int": ("12", True, 12.5), "number": ("0.5", False), "text": (12,), "texts": ("Llama", [1]),
-          "bool": ("false", 1), "object": ([1],)}
+          "bool": ("false", 1), "object": ([1],), "choice": (12, "tpu")}
 """Values of the wrong JSON type for each kind (a bool is not an int, a string is not a number)."""
 
 
@@ -272,7 +272,7 @@ HAND: list[Case] = [
     Case("option-gpus-float", _explain("gpt2", "--gpus", "1.5"), ("--gpus", "'1.5'")),
     Case("option-world-over-2**20", _explain("gpt2", "--nodes", str(2**20), "--gpus-per-node", "1024"),
          ("1,073,741,824 GPUs",)),
-    Case("option-zero-2", _explain("gpt2", "--zero", "2"), ("--zero 2", "0, 1 or 3")),
+    Case("option-zero-1", _explain("gpt2", "--zero", "1"), ("--zero 1", "0, 2 or 3", "use 2")),
     Case("option-split-solver", _explain("gpt2", "--split-solver", "magic"), ("--split-solver 'magic'",)),
     Case("option-schedule", _explain("gpt2", "--schedule", "zigzag"), ("--schedule", "'zigzag'")),
     Case("option-unknown", _explain("gpt2", "--gpu", "8"), ("--gpu",)),

@@ -7,12 +7,11 @@ import random
 import pytest
 
 from autopar.cluster import PRESETS, ClusterSpec, DeviceSpec
-from autopar.cost import constants as C
 from autopar.cost.layers import CostOptions, collective_s
 from autopar.cost.model import _simulate, chunk_times, estimate, inflight_per_chunk, pipeline_step_s
 from autopar.cost.pipeline import action_orders, peak_inflight, simulate
 from autopar.plan.search import search
-from autopar.plan.types import Pins, Plan, Schedule, StagePlan
+from autopar.plan.types import Pins, Plan, Precision, Schedule, StagePlan
 from autopar.profile.analytic import profile_analytic
 from autopar.profile.config import arch_from_dict, load_arch
 from autopar.profile.types import Recompute
@@ -65,21 +64,41 @@ def test_ring_all_reduce_alpha_beta_by_hand():
     assert collective_s(1e9, 1, 1, False, cluster, 0.8) == 0.0
 
 
-def test_memory_terms_follow_zero_stages():
-    profile = profile_analytic(load_arch("gpt2-medium"), seq_len=1024)
+@pytest.mark.parametrize("precision,dtype_bytes,held,compute,reduce", [
+    (Precision.BF16_MIXED, 2, (4, 4, 8), 2, 4),  # fp32 master, AdamW fp32; bf16 copies, fp32 reduction
+    (Precision.BF16, 2, (2, 2, 4), 2, 2),        # all bf16
+    (Precision.FP32, 4, (4, 4, 8), 4, 4),
+])
+def test_memory_terms_follow_zero_stages_and_precision(precision, dtype_bytes, held, compute, reduce):
+    """8 GPUs, dp8, one micro-batch per rank (nothing accumulates over micro-batches).
+
+    weights/grads/optimizer = P x (held bytes) / 8 under ZeRO 2 and 3, / 1 under 0. Beyond them
+    (autopar/cost/data_parallel.py [Note: ZeRO stages as run]): ZeRO 0 (replicate) and 2 hold a full-size copy of
+    every parameter in the compute dtype (P x compute); ZeRO 3 a gathered block and the next (2 x p_max x
+    compute); ZeRO 2 and 3 with one micro-batch also hold one block's unsharded gradient (p_max x reduce).
+    """
+    from autopar.cost.layers import layer_costs
+
+    profile = profile_analytic(load_arch("gpt2-medium"), seq_len=1024, dtype_bytes=dtype_bytes)
     cluster = PRESETS["a100-80gb"].with_gpus(8)
     mems = {}
-    for zero in (0, 1, 3):
-        pins = Pins(tp=1, pp=1, zero_stage=zero, micro_batch_size=1, recompute=Recompute.NONE)
+    for zero in (0, 2, 3):
+        pins = Pins(tp=1, pp=1, zero_stage=zero, micro_batch_size=1, recompute=Recompute.NONE, precision=precision)
         best = search(profile, cluster, global_batch_size=8, pins=pins, alternatives=False).best
+        assert best.plan.precision is precision and best.plan.num_microbatches == 1
         mems[zero] = best.cost.stages[0].memory_bytes
-    params = profile.num_params
-    assert mems[0]["weights"] == pytest.approx(params * C.PARAM_BYTES)
-    assert mems[0]["optimizer"] == pytest.approx(params * C.OPTIMIZER_BYTES)
-    assert mems[1]["optimizer"] == pytest.approx(params * C.OPTIMIZER_BYTES / 8)
-    assert mems[1]["weights"] == mems[0]["weights"]
-    assert mems[3]["weights"] == pytest.approx(params * C.PARAM_BYTES / 8)
-    assert mems[3]["grads"] == pytest.approx(params * C.GRAD_BYTES / 8)
+    P = profile.num_params
+    p_max = max(c.params for c in layer_costs(profile, cluster, tp=1, sequence_parallel=False,
+                                              recompute=Recompute.NONE, opts=CostOptions()))
+    w, g, o = held
+    assert (mems[0]["weights"], mems[0]["grads"], mems[0]["optimizer"]) == pytest.approx((P * w, P * g, P * o))
+    for zero in (2, 3):
+        assert (mems[zero]["weights"], mems[zero]["grads"], mems[zero]["optimizer"]) == pytest.approx(
+            (P * w / 8, P * g / 8, P * o / 8))
+    # The rest of the transient term (recompute work space, no sends) is the same in every stage.
+    base = mems[0]["transient"] - P * compute
+    assert mems[2]["transient"] == pytest.approx(base + P * compute + p_max * reduce)
+    assert mems[3]["transient"] == pytest.approx(base + 2 * p_max * compute + p_max * reduce)
 
 
 @pytest.mark.parametrize("schedule,pp,v", [(Schedule.ONE_F_ONE_B, 4, 1), (Schedule.GPIPE, 4, 1),

@@ -15,7 +15,7 @@ import pytest
 
 from tests.launch import check, python, torchrun
 
-TWO_RANKS = ["tp=2", "pp=2 schedule=1f1b", "pp=2 schedule=interleaved_1f1b virtual_stages=2", "dp=2",
+TWO_RANKS = ["tp=2", "tp=2 sequence_parallel=0", "pp=2 schedule=1f1b", "pp=2 schedule=interleaved_1f1b virtual_stages=2", "dp=2",
              "dp=2 zero_stage=3 recompute=full", "pp=2 schedule=gpipe recompute=selective"]
 FOUR_RANKS = ["tp=2 pp=2", "dp=2 tp=2", "dp=2 pp=2"]
 LOSS_RTOL = 1e-5

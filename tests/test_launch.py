@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.launch import check, free_port, worker_env
+from tests.test_explain_run import EXAMPLE_HINTS, explain_digest
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "train_gpt.py"
 RTOL = 1e-5
@@ -46,6 +47,10 @@ def test_autopar_run_four_ranks_matches_one_process(single):
                                 capture_output=True, text=True, timeout=300, check=False, env=worker_env()))
     same(losses(proc.stdout), single)
     assert "autopar plan" in proc.stderr and "1 node(s) x 4" in proc.stderr
+    # explain = run (tests/test_explain_run.py): the plan this run logs is the one explain shows
+    logged = re.search(r"autopar plan \(digest (\w+)\)", proc.stderr)[1]
+    assert logged == explain_digest(EXAMPLE.parent / "cerebras-gpt-tiny", "--gpus", "4", "--cluster", "cpu",
+                                    *EXAMPLE_HINTS)
     assert re.search(r"autopar step 10 .*tokens/s .*TFLOP/s per device .*peak memory", proc.stderr)
 
 

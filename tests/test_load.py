@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 import autopar
 from autopar.execute import weights
-from autopar.execute.families import Family
+from autopar.execute.families import family_of
 
 WORKER = Path(__file__).parent / "workers" / "load_worker.py"
 VOCAB, BATCH, SEQ = 96, 8, 16
@@ -102,7 +102,7 @@ def test_reader_boxes_match_safetensors(tmp_path, monkeypatch, gap):
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_local_reads_mirror_checkpoint_transform(tp):
     """Boxes for a whole (unsharded) executed parameter rebuild exactly checkpoint_transform's tensor."""
-    family = Family("gpt2")
+    family = family_of(transformers.GPT2Config())
     g = torch.Generator().manual_seed(tp)
     stored = {"h.0.attn.c_attn.weight": torch.randn(8, 24, generator=g), "h.0.attn.c_attn.bias": torch.randn(24, generator=g),
               "h.0.mlp.c_fc.weight": torch.randn(8, 12, generator=g), "h.0.mlp.c_proj.weight": torch.randn(12, 8, generator=g),

@@ -7,10 +7,12 @@ import json
 import pytest
 
 from autopar.cluster import PRESETS, ClusterSpec, DeviceSpec
+from autopar.cost import constants as C
+from autopar.cost.layers import CostOptions
 from autopar.errors import AutoparError
 from autopar.plan.search import Planner, search
 from autopar.plan.space import enumerate_candidates
-from autopar.plan.types import Pins, Plan, Schedule
+from autopar.plan.types import Pins, Plan, Precision, Schedule
 from autopar.profile.analytic import profile_analytic
 from autopar.profile.config import arch_from_dict, load_arch
 from autopar.profile.types import Recompute
@@ -42,23 +44,30 @@ def _exhaustive(profile, cluster, batch, pins=Pins()):
     return best
 
 
-@pytest.mark.parametrize("gpus,memory_gib,batch,seq", [(4, 16, 16, 512), (8, 6, 32, 512), (8, 40, 16, 1024),
-                                                       (16, 8, 64, 256)])
-def test_pruned_search_equals_exhaustive_oracle(gpus, memory_gib, batch, seq):
+@pytest.mark.parametrize("gpus,memory_gib,batch,seq,precision", [
+    (4, 16, 16, 512, None), (8, 6, 32, 512, None), (8, 40, 16, 1024, None), (16, 8, 64, 256, None),
+    (8, 6, 32, 512, Precision.BF16)])
+def test_pruned_search_equals_exhaustive_oracle(gpus, memory_gib, batch, seq, precision):
+    """(ZeRO 2 and 3 can tie exactly when their gathers hide behind compute: the earlier field order wins.)"""
     profile = profile_analytic(_gpt(), seq_len=seq)
     cluster = _cluster(gpus, memory_gib)
-    oracle = _exhaustive(profile, cluster, batch)
-    result = search(profile, cluster, global_batch_size=batch, alternatives=False)
+    pins = Pins(precision=precision)
+    oracle = _exhaustive(profile, cluster, batch, pins)
+    result = search(profile, cluster, global_batch_size=batch, pins=pins, alternatives=False, robust=False)
     assert result.best.candidate == oracle.candidate
     assert result.best.cost.step_time_s == pytest.approx(oracle.cost.step_time_s, rel=1e-12)
     assert result.evaluated < result.candidates  # the bound pruned something
 
 
-def test_lower_bound_never_exceeds_exact_cost():
-    profile = profile_analytic(_gpt(layers=6), seq_len=512)
+@pytest.mark.parametrize("precision,dtype_bytes", [(Precision.BF16_MIXED, 2), (Precision.BF16, 2),
+                                                   (Precision.FP32, 4)])
+def test_lower_bound_never_exceeds_exact_cost(precision, dtype_bytes):
+    """Every candidate (ZeRO 0, 2 and 3 among them), under each precision."""
+    profile = profile_analytic(_gpt(layers=6), seq_len=512, dtype_bytes=dtype_bytes)
     cluster = _cluster(8, 12)
-    planner = Planner(profile, cluster, global_batch_size=32)
-    for cand in enumerate_candidates(profile, cluster, global_batch_size=32, pins=Pins()):
+    pins = Pins(precision=precision)
+    planner = Planner(profile, cluster, global_batch_size=32, pins=pins)
+    for cand in enumerate_candidates(profile, cluster, global_batch_size=32, pins=pins):
         time_lb, mem_lb = planner.lower_bound(cand)
         ev = planner.evaluate(cand)
         assert time_lb <= ev.cost.step_time_s * (1 + 1e-9), cand
@@ -85,7 +94,7 @@ def test_pins_are_honoured_and_plan_round_trips():
     layers = [n for s in plan.stages for n in s.layers]
     assert layers == [name for name, _ in profile.flat_layers()]
     assert Plan.from_json(plan.to_json()) == plan
-    assert json.loads(plan.to_json())["format_version"] == 1
+    assert json.loads(plan.to_json())["format_version"] == 2
 
 
 def test_pinned_layout_that_does_not_fit_is_still_costed():
@@ -124,8 +133,10 @@ def test_alternatives_give_a_reason_for_each_other_value():
     assert ("tp", str(result.best.plan.tp)) not in dims
     assert {d for d, _ in dims} >= {"tp", "pp", "recompute", "zero_stage"}
     for alt in result.alternatives:
-        if alt.evaluated.cost.fits:
-            assert alt.evaluated.cost.step_time_s >= result.best.cost.step_time_s
+        if alt.evaluated.cost.fits and alt.evaluated.cost.step_time_s < result.best.cost.step_time_s:
+            assert "faster, inside the model's" in alt.reason  # the robust choice's rule decided
+            assert alt.evaluated.cost.step_time_s * (1 + C.MODEL_ERROR) >= result.best.cost.step_time_s
+        elif alt.evaluated.cost.fits:
             assert "slower" in alt.reason or "as fast" in alt.reason
         else:
             assert "GiB per GPU" in alt.reason
@@ -135,8 +146,8 @@ def test_ilp_solver_gives_the_same_plan_as_the_chain_dp():
     """The planner's splits through PuLP (HiGHS) equal the exact chain DP's."""
     profile = profile_analytic(load_arch("cerebras-gpt-1.3b"), seq_len=2048)
     cluster = PRESETS["a100-40gb"].with_gpus(16)
-    by_dp = search(profile, cluster, global_batch_size=64, split_solver="dp", alternatives=False)
-    by_ilp = search(profile, cluster, global_batch_size=64, split_solver="highs", alternatives=False)
+    by_dp = search(profile, cluster, global_batch_size=64, split_solver="dp", alternatives=False, robust=False)
+    by_ilp = search(profile, cluster, global_batch_size=64, split_solver="highs", alternatives=False, robust=False)
     assert by_ilp.best.plan.to_json() == by_dp.best.plan.to_json()
     assert by_ilp.best.split.solver in ("highs", "trivial")
     assert by_ilp.best.cost.step_time_s == pytest.approx(by_dp.best.cost.step_time_s, rel=1e-9)
@@ -179,3 +190,155 @@ def test_own_loss_is_planned_without_pipeline_as_one_micro_batch_with_the_global
     assert all(s.memory_bytes["user_logits"] == per_seq * 32 for s in mine.cost.stages)
     plain = search(profile, cluster, global_batch_size=32, pins=pins, alternatives=False).best
     assert "user_logits" not in plain.cost.stages[0].memory_bytes
+
+
+# --- issue 10: true bounds, the robust choice and the tie rule ------------------------------------------------
+
+def _robust_oracle(profile, cluster, batch, pins=Pins(), opts=None):
+    """Oracle for [Note: robust choice]: cost every candidate, keep those that fit within the model's error of
+    the fastest, take the least key (risks, operations, communication, step, field order)."""
+    from autopar.plan.robust import judge, window_limit
+
+    planner = Planner(profile, cluster, global_batch_size=batch, pins=pins, opts=opts)
+    fits = [ev for ev in (planner.evaluate(c) for c in enumerate_candidates(profile, cluster, global_batch_size=batch,
+                                                                             pins=pins)) if ev.cost.fits]
+    fastest = min(fits, key=lambda ev: (ev.cost.step_time_s, ev.candidate))
+    limit = window_limit(fastest.cost.step_time_s)
+    return min((judge(planner, ev) for ev in fits if ev.cost.step_time_s <= limit), key=lambda j: j.key())
+
+
+@pytest.mark.parametrize("layers,gpus,memory_gib,batch,seq,pins", [
+    (8, 4, 16, 16, 512, Pins()), (8, 8, 6, 32, 512, Pins()), (8, 8, 40, 16, 1024, Pins()),
+    (8, 16, 8, 64, 256, Pins()), (8, 8, 6, 32, 512, Pins(precision=Precision.BF16)),
+    (12, 8, 4, 64, 1024, Pins()), (12, 8, 2, 64, 1024, Pins(pp=2)), (12, 16, 1.2, 64, 1024, Pins(pp=4))])
+def test_robust_search_equals_exhaustive_oracle(layers, gpus, memory_gib, batch, seq, pins):
+    """Some of these take the fastest plan, others one within the model's error that communicates less."""
+    profile = profile_analytic(_gpt(layers=layers), seq_len=seq)
+    cluster = _cluster(gpus, memory_gib)
+    oracle = _robust_oracle(profile, cluster, batch, pins)
+    result = search(profile, cluster, global_batch_size=batch, pins=pins, alternatives=False)
+    assert result.best.candidate == oracle.evaluated.candidate
+    assert result.best.cost.step_time_s == pytest.approx(oracle.step_s, rel=1e-12)
+    fastest = result.fastest or result.best
+    assert result.best.cost.step_time_s <= fastest.cost.step_time_s * (1 + C.MODEL_ERROR) * (1 + 1e-12)
+    assert (result.choice_reason is None) == (result.fastest is None)
+
+
+@pytest.mark.parametrize("pins,opts", [
+    (Pins(), None),
+    (Pins(schedule=Schedule.INTERLEAVED_1F1B, virtual_stages=3), None),  # uneven chunks: 7 layers into 6
+    (Pins(schedule=Schedule.INTERLEAVED_1F1B, virtual_stages=2), None),
+    (Pins(), CostOptions(overlap_dp_comm=False, dp_reduce_bytes=2, dp_reduce_calls=1)),  # the dev set's runtime
+])
+def test_every_bound_is_a_true_lower_bound(pins, opts):
+    """[Note: pipeline bound] and [Note: memory bound] against the exact cost of every candidate; the 50%
+    bubble margin these replace was empirical."""
+    profile = profile_analytic(_gpt(layers=5, vocab=50000), seq_len=512)
+    cluster = _cluster(8, 12)
+    planner = Planner(profile, cluster, global_batch_size=32, pins=pins, opts=opts)
+    for cand in enumerate_candidates(profile, cluster, global_batch_size=32, pins=pins):
+        time_lb, mem_lb = planner.lower_bound(cand)
+        ev = planner.evaluate(cand)
+        peak = max(ev.cost.peak_memory_bytes)
+        assert planner.step_bound(cand, time_lb) <= ev.cost.step_time_s * (1 + 1e-9), cand
+        if cand.pp > 1 and cand.virtual_stages == 1:
+            assert planner.split_bound(cand) <= ev.cost.step_time_s * (1 + 1e-9), cand
+        assert mem_lb <= peak * (1 + 1e-9) and planner.memory_bound(cand) <= peak * (1 + 1e-9), cand
+
+
+def test_tie_rule_prefers_no_risk_then_fewer_operations_then_less_communication():
+    """Hand-made judgements: the key of [Note: robust choice]."""
+    from types import SimpleNamespace
+
+    from autopar.plan.robust import Judged
+
+    def plan(step, *, memory=0.5, hidden=0.0, ops=100.0, comm=1.0, order=0):
+        ev = SimpleNamespace(cost=SimpleNamespace(step_time_s=step), candidate=order)
+        return Judged(evaluated=ev, no_overlap_step_s=step + hidden, dp_traffic_s=hidden, memory_share=memory,
+                      operations=ops, communication_s=comm)
+
+    fast = plan(10.0, ops=800)  # one FSDP all-gather per micro-batch of 1: many small passes
+    assert plan(10.3, ops=100).key() < fast.key()
+    assert plan(10.3, ops=800, comm=0.5).key() < plan(10.0, ops=800, comm=0.6).key()
+    # 13.8 s of traffic hidden in a 16.9 s step (issue 10's ZeRO-3): a risk; 1 s hidden in 17.9 s is not.
+    zero3, zero1 = plan(16.9, hidden=13.73, ops=10), plan(17.9, hidden=1.0, ops=10, comm=20)
+    assert "overlap" in zero3.risks() and not zero1.risks() and zero1.key() < zero3.key()
+    assert "memory" in plan(1.0, memory=0.9975).risks()  # issue 10's GPT-2 XL on 16 A100-40GB
+    assert not plan(1.0, memory=0.9).risks()
+
+
+def _issue_case(model, cluster, gpus, batch, seq=2048, pins=Pins()):
+    profile = profile_analytic(load_arch(model), seq_len=seq)
+    spec = PRESETS[cluster].with_gpus(gpus)
+    return profile, spec, search(profile, spec, global_batch_size=batch, pins=pins, alternatives=False)
+
+
+def test_gpt3_175b_on_1024_gpus_does_not_rest_on_hiding_its_data_parallel_traffic():
+    """Issue 10: ZeRO-3 hiding 13.8 s of traffic in a 16.9 s step was picked over ZeRO-1 at 17.9 s."""
+    from autopar.plan.robust import OVERLAP_RELIANCE
+
+    profile, spec, result = _issue_case("gpt3-175b", "a100-80gb", 1024, 1536)
+    assert not result.risks
+    if result.reliance:  # a smaller overlap, stated with its price
+        assert "data-parallel traffic" in result.reliance
+    planner = Planner(profile, spec, global_batch_size=1536)
+    from autopar.plan.robust import judge
+
+    chosen = judge(planner, result.best)
+    assert chosen.hidden_s < OVERLAP_RELIANCE * chosen.step_s
+    fastest = result.fastest or result.best
+    assert result.best.cost.step_time_s <= fastest.cost.step_time_s * (1 + C.MODEL_ERROR)
+
+
+def test_gpt2_xl_on_16_a100_40gb_keeps_memory_off_the_limit():
+    """Issue 10: the plan used 99.75% of memory."""
+    _, _, result = _issue_case("gpt2-xl", "a100-40gb", 16, 128, seq=1024)
+    share = max(s.peak_bytes / s.capacity_bytes for s in result.best.cost.stages)
+    assert share <= 1 - C.MEMORY_MODEL_ERROR
+
+
+def test_gpt3_on_64_gpus_interleaves_only_for_more_than_the_model_error():
+    """Issue 10: one layer per chunk in 96 chunks for 0.3% over tp8 x pp8."""
+    _, _, result = _issue_case("gpt3-175b", "a100-80gb", 64, 512)
+    if result.best.plan.virtual_stages > 1:
+        _, _, plain = _issue_case("gpt3-175b", "a100-80gb", 64, 512, pins=Pins(virtual_stages=1))
+        assert result.best.cost.step_time_s * (1 + C.MODEL_ERROR) < plain.best.cost.step_time_s
+
+
+@pytest.mark.parametrize("cluster,gpus,pp", [("a100-40gb", 4, None), ("h100-80gb", 16, 4), ("h100-80gb", 16, 8),
+                                             ("a100-80gb", 8, 4)])
+def test_qwen2_7b_recomputes_only_when_memory_asks(cluster, gpus, pp):
+    """Issue 10: recomputation with 59% of memory free. With recomputation chosen, the same layout without it
+    must not fit, or sit within the memory model's error of the limit."""
+    from dataclasses import replace
+
+    profile, spec, result = _issue_case("qwen2-7b", cluster, gpus, 8 * gpus, pins=Pins(pp=pp))
+    cand = result.best.candidate
+    if cand.recompute is Recompute.NONE:
+        return
+    plain = Planner(profile, spec, global_batch_size=8 * gpus, pins=Pins(pp=pp)).evaluate(
+        replace(cand, recompute=Recompute.NONE))
+    share = max(s.peak_bytes / s.capacity_bytes for s in plain.cost.stages)
+    assert not plain.cost.fits or share > 1 - C.MEMORY_MODEL_ERROR
+
+
+def test_features_autopar_cannot_price_are_said_in_one_line_each():
+    from autopar.plan.unpriced import unpriced_features
+
+    raw = {"model_type": "llama", "num_local_experts": 8, "quantization_config": {"quant_method": "fp8"}}
+    lines = unpriced_features(raw)
+    assert len(lines) == 2 and all("\n" not in line and "not priced by autopar" in line for line in lines)
+    assert "8 experts" in lines[0] and "FP8" in lines[1]
+    assert unpriced_features({"model_type": "llama", "torch_dtype": "bfloat16"}) == []
+
+
+def test_a_sequence_no_layout_can_hold_asks_for_context_parallelism():
+    profile = profile_analytic(load_arch("llama-3-8b"), seq_len=1 << 20)
+    with pytest.raises(AutoparError, match="needs context parallelism, which is not priced by autopar"):
+        search(profile, PRESETS["a100-80gb"].with_gpus(8), global_batch_size=8)
+
+
+def test_a_short_search_prints_no_progress(capsys):
+    profile = profile_analytic(_gpt(), seq_len=512)
+    search(profile, _cluster(8, 6), global_batch_size=32, progress=True, alternatives=False)
+    assert capsys.readouterr().err == ""

@@ -74,21 +74,3 @@ def test_a_batch_the_layout_cannot_split_is_padded_with_rows_that_count_nothing(
     runtime = _runtime(_plan(dp=2, mb=2, m=2))
     runtime._refine(12, 16)
     assert (runtime.micro_batch_size, runtime.num_microbatches) == (2, 3)
-
-
-def test_block_tp_plan_is_transformers_own_where_it_exists():
-    import transformers
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
-    from autopar.execute.families import Family
-
-    llama = Family("llama")
-    from_hf = llama.block_tp_plan(transformers.LlamaConfig())
-    builtin = llama.block_tp_plan(None)
-    assert {k: type(v) for k, v in from_hf.items()} == {k: type(v) for k, v in builtin.items()}
-    assert type(from_hf["self_attn.o_proj"]) is RowwiseParallel
-    odd = transformers.LlamaConfig()
-    odd.base_model_tp_plan = {"layers.*.self_attn.q_proj": "colwise_gather_output"}  # a style autopar does not map
-    assert llama.block_tp_plan(odd).keys() == builtin.keys()
-    gpt2 = Family("gpt2").block_tp_plan(transformers.GPT2Config())  # no plan in transformers: autopar's own
-    assert type(gpt2["attn.c_attn"]) is ColwiseParallel and type(gpt2["mlp.c_proj"]) is RowwiseParallel

@@ -21,8 +21,14 @@ from functools import lru_cache
 
 from autopar.cluster import ClusterSpec
 from autopar.cost import constants as C
-from autopar.cost.layers import CostOptions, LayerCost, collective_s, layer_costs
+from autopar.cost.layers import CostOptions, LayerCost, collective_s, layer_costs, send_s
 from autopar.errors import AutoparError
+from autopar.cost.data_parallel import (
+    dp_bytes_per_param,
+    dp_exposed_s,
+    dp_layer_bytes_per_param,
+    optimizer_step_s,
+)
 from autopar.plan.types import Plan, Schedule
 from autopar.profile.types import ModelProfile
 
@@ -91,7 +97,7 @@ class CostBreakdown:
             "model_tflops_per_gpu": self.model_tflops_per_gpu,
             "hardware_tflops_per_gpu": self.hardware_tflops_per_gpu, "mfu": self.mfu,
             "peak_memory_bytes": self.peak_memory_bytes, "fits": self.fits, "over_bytes": self.over_bytes,
-            "breakdown": self.breakdown(),
+            "breakdown": {**self.breakdown(), **self.extras},
             "stages": [asdict(s) | {"fits": s.fits} for s in self.stages],
         }
 
@@ -102,9 +108,9 @@ def inflight_per_chunk(schedule: Schedule, pp: int, v: int, m: int) -> tuple[flo
 
     GPipe holds all m; 1F1B holds min(pp - s, m) on stage s (both read off
     autopar.cost.pipeline.peak_inflight in the tests). For interleaved 1F1B
-    the peak is reached in the warm-up, so orders of more than 4 pp
-    micro-batches are walked at 4 pp (a valid count for torch's rule; tested
-    equal to the full order).
+    the peak is counted from the order's rule without building it
+    (autopar.cost.schedule_sweep.interleaved_peak_inflight; tested equal to
+    peak_inflight of the full order).
     """
     if pp == 1:
         return (1.0,)  # gradient accumulation: one micro-batch alive at a time
@@ -112,10 +118,9 @@ def inflight_per_chunk(schedule: Schedule, pp: int, v: int, m: int) -> tuple[flo
         return (float(m),) * pp
     if schedule is Schedule.ONE_F_ONE_B:
         return tuple(float(min(pp - s, m)) for s in range(pp))
-    from autopar.cost.pipeline import peak_inflight
+    from autopar.cost.schedule_sweep import interleaved_peak_inflight
 
-    cap = m if m <= 4 * pp else 4 * pp
-    return tuple(float(x) for x in peak_inflight(_orders(schedule, pp, v, cap), pp * v))
+    return interleaved_peak_inflight(pp, v, m)
 
 
 def chunk_ranges(profile: ModelProfile, plan: Plan) -> list[range]:
@@ -145,10 +150,40 @@ def _links(plan: Plan, cluster: ClusterSpec) -> tuple[bool, bool, bool]:
     return tp_inter, pp_inter, dp_inter
 
 
+def dp_ranks_per_node(plan: Plan, cluster: ClusterSpec) -> int:
+    """Ranks of one data-parallel group inside a node: its ranks are tp x pp apart in the dp x pp x tp
+    mesh, so a node of g GPUs holds g / (tp pp) of them (one when tp pp fills the node)."""
+    stride = plan.tp * plan.pp
+    return max(1, min(plan.dp, cluster.gpus_per_node // stride)) if stride < cluster.gpus_per_node else 1
+
+
+_RETIMED: dict[tuple[int, int], tuple[list, list]] = {}
+"""Per-layer costs re-derived for a plan's micro-batch, keyed by the identity of the costs they replace
+(the planner costs many plans from one list per TP layout); bounded."""
+
+
+def costs_for_micro_batch(costs: list[LayerCost], profile: ModelProfile, cluster: ClusterSpec, plan: Plan,
+                          opts: CostOptions) -> list[LayerCost]:
+    """``costs`` priced for ``plan.micro_batch_size`` sequences per micro-batch (the matmuls' M grows with
+    it: autopar.cost.kernels), re-derived once per list and micro-batch."""
+    b = plan.micro_batch_size
+    if not costs or costs[0].micro_batch_size == b:
+        return costs
+    hit = _RETIMED.get((id(costs), b))
+    if hit is not None and hit[0] is costs:
+        return hit[1]
+    retimed = layer_costs(profile, cluster, tp=plan.tp, sequence_parallel=plan.sequence_parallel,
+                          recompute=plan.recompute, opts=opts, micro_batch_size=b)
+    if len(_RETIMED) >= 512:
+        _RETIMED.clear()
+    _RETIMED[(id(costs), b)] = (costs, retimed)
+    return retimed
+
+
 def params_per_pipeline_rank(profile: ModelProfile, cluster: ClusterSpec, plan: Plan) -> list[float]:
     """Parameters the plan puts on each pipeline rank (one TP shard, before data-parallel sharding)."""
     costs = layer_costs(profile, cluster, tp=plan.tp, sequence_parallel=plan.sequence_parallel,
-                        recompute=plan.recompute, opts=CostOptions())
+                        recompute=plan.recompute, opts=CostOptions(), micro_batch_size=plan.micro_batch_size)
     return _device_params(costs, chunk_ranges(profile, plan), plan)
 
 
@@ -172,6 +207,7 @@ def _device_params(costs: list[LayerCost], ranges: list[range], plan: Plan) -> l
 class _Device:
     compute_s: float  # one micro-batch
     tp_s: float
+    fwd_s: float
     bwd_s: float
     params: float
     layers: int
@@ -191,7 +227,8 @@ def _chunk_fwd_bwd(layer_list: list[LayerCost], plan: Plan, cluster: ClusterSpec
     f = b * sum(x.fwd_s for x in layer_list)
     g = b * sum(x.bwd_s for x in layer_list)
     tp_s = collective_s(b * sum(x.tp_bytes for x in layer_list), plan.tp,
-                        sum(x.tp_collectives for x in layer_list), tp_inter, cluster, opts.collective_efficiency)
+                        sum(x.tp_collectives for x in layer_list), tp_inter, cluster, opts.collective_efficiency,
+                        ranks_per_node=min(plan.tp, cluster.gpus_per_node))
     share = f / (f + g) if f + g > 0 else 0.5
     return f + tp_s * share, g + tp_s * (1 - share), tp_s
 
@@ -201,7 +238,8 @@ def _devices(costs: list[LayerCost], ranges: list[range], plan: Plan, cluster: C
              tp_inter: bool) -> tuple[list[_Device], list[tuple[float, float, float]]]:
     """Per pipeline rank totals, and per chunk (fwd s, bwd s, TP s) of one micro-batch."""
     b = plan.micro_batch_size
-    acc = [dict(compute=0.0, tp=0.0, bwd=0.0, layers=0, act=0.0, work=0.0, maxp=0.0) for _ in range(plan.pp)]
+    acc = [dict(compute=0.0, tp=0.0, fwd=0.0, bwd=0.0, layers=0, act=0.0, work=0.0, maxp=0.0)
+           for _ in range(plan.pp)]
     chunks = []
     for c, r in enumerate(ranges):
         d = acc[plan.stage_rank(c)]
@@ -209,6 +247,7 @@ def _devices(costs: list[LayerCost], ranges: list[range], plan: Plan, cluster: C
         fwd_s, bwd_s, tp_s = _chunk_fwd_bwd(layer_list, plan, cluster, opts, tp_inter)
         d["compute"] += fwd_s + bwd_s - tp_s
         d["tp"] += tp_s
+        d["fwd"] += b * sum(x.fwd_s for x in layer_list)
         d["bwd"] += b * sum(x.bwd_s for x in layer_list)
         d["layers"] += len(layer_list)
         d["act"] += inflight[c] * b * sum(x.act_bytes for x in layer_list)
@@ -216,57 +255,58 @@ def _devices(costs: list[LayerCost], ranges: list[range], plan: Plan, cluster: C
         d["maxp"] = max(d["maxp"], max(x.params for x in layer_list))
         chunks.append((fwd_s, bwd_s, tp_s))
     params = _device_params(costs, ranges, plan)
-    devices = [_Device(a["compute"], a["tp"], a["bwd"], params[i], a["layers"], a["act"], a["work"], a["maxp"])
-               for i, a in enumerate(acc)]
+    devices = [_Device(a["compute"], a["tp"], a["fwd"], a["bwd"], params[i], a["layers"], a["act"], a["work"],
+                       a["maxp"]) for i, a in enumerate(acc)]
     return devices, chunks
 
 
 def _memory(dev: _Device, plan: Plan, cluster: ClusterSpec, p2p_bytes: float,
             opts: CostOptions) -> dict[str, float]:
-    """Bytes on one device at its peak (ZeRO: Rajbhandari et al. 2020 §5)."""
-    dp = plan.dp
-    shard_all = dp if plan.zero_stage >= 3 else 1
-    shard_opt = dp if plan.zero_stage >= 1 else 1
+    """Bytes on one device at its peak (autopar.cost.data_parallel [Note: ZeRO stages as run]; ZeRO:
+    Rajbhandari et al. 2020 §5)."""
+    per = dp_bytes_per_param(plan)
     transient = dev.work_bytes + 2 * p2p_bytes  # recompute working set; send and receive buffers
-    if plan.zero_stage >= 3 and dp > 1:
-        transient += 2 * dev.max_layer_params * C.PARAM_BYTES  # a gathered layer and the prefetched next one
+    transient += dev.params * per["unsharded"] + dev.max_layer_params * dp_layer_bytes_per_param(plan)
     capacity = cluster.device.memory_bytes
     user = {"user_logits": opts.user_logits_bytes_per_seq * plan.global_batch_size} \
         if opts.user_logits_bytes_per_seq else {}
     return user | {
-        "weights": dev.params * C.PARAM_BYTES / shard_all,
-        "grads": dev.params * C.GRAD_BYTES / shard_all,
-        "optimizer": dev.params * C.OPTIMIZER_BYTES / shard_opt,
+        "weights": dev.params * per["weights"],
+        "grads": dev.params * per["grads"],
+        "optimizer": dev.params * per["optimizer"],
         "activations": dev.act_bytes,
         "transient": transient,
+        "comm_buffers": C.NCCL_BUFFER_BYTES * communicators(plan),
         "reserve": cluster.device.context_bytes + C.ALLOCATOR_FRAGMENTATION * capacity,
     }
 
 
+def communicators(plan: Plan) -> int:
+    """NCCL communicators a rank of ``plan`` sets up: its data- and tensor-parallel groups, and one per
+    pipeline neighbour."""
+    return int(plan.dp > 1) + int(plan.tp > 1) + (2 if plan.pp > 2 else int(plan.pp == 2))
+
+
 def _dp_exposed_s(dev: _Device, plan: Plan, cluster: ClusterSpec, opts: CostOptions, dp_inter: bool) -> float:
     """Data-parallel communication left on the critical path for one device."""
-    dp, m = plan.dp, plan.num_microbatches
-    if dp <= 1:
-        return 0.0
-    grad_bytes = dev.params * C.GRAD_BYTES
-    weight_bytes = dev.params * C.PARAM_BYTES
-    eff = opts.collective_efficiency
+    local = dp_ranks_per_node(plan, cluster)
 
     def coll(num_bytes: float, kind: str, calls: int = 1) -> float:
-        return collective_s(num_bytes, dp, calls, dp_inter, cluster, eff, kind)
+        return collective_s(num_bytes, plan.dp, calls, dp_inter, cluster, opts.collective_efficiency, kind,
+                            ranks_per_node=local)
 
-    if plan.zero_stage == 0:
-        reduce_s, gather_s, window = coll(grad_bytes, "all_reduce"), 0.0, dev.bwd_s
-    elif plan.zero_stage == 1:
-        reduce_s, gather_s, window = coll(grad_bytes, "reduce_scatter"), coll(weight_bytes, "all_gather"), dev.bwd_s
-    else:  # FSDP: gather weights for forward and backward, reduce-scatter grads, every micro-batch
-        calls = dev.layers
-        reduce_s = m * (coll(grad_bytes, "reduce_scatter", calls) + 2 * coll(weight_bytes, "all_gather", calls))
-        gather_s, window = 0.0, m * dev.compute_s
-    if not opts.overlap_dp_comm:
-        return reduce_s + gather_s
-    last_bucket = reduce_s / max(1, dev.layers * (m if plan.zero_stage >= 3 else 1))
-    return max(reduce_s - window, last_bucket) + gather_s
+    def exposed(overlap: bool) -> float:
+        return dp_exposed_s(plan, params=dev.params, layers=dev.layers, bwd_window_s=dev.bwd_s,
+                            compute_s=dev.compute_s, coll=coll, overlap=overlap,
+                            reduce_bytes=opts.dp_reduce_bytes, reduce_calls=opts.dp_reduce_calls,
+                            fwd_window_s=dev.fwd_s, backward_prefetch=opts.dp_backward_prefetch)
+
+    hidden = exposed(opts.overlap_dp_comm)
+    if not opts.overlap_dp_comm or cluster.comm_overlap >= 1.0:
+        return hidden
+    # a measured cluster whose collectives take the cores the compute needs (gloo on shared CPU cores):
+    # only that share of the overlap happens (ClusterSpec.comm_overlap, measured by autopar calibrate)
+    return cluster.comm_overlap * hidden + (1.0 - cluster.comm_overlap) * exposed(False)
 
 
 def _pipeline_s(devices: list[_Device], chunks: list[tuple[float, float, float]], plan: Plan) -> tuple[float, int]:
@@ -313,8 +353,14 @@ def pipeline_step_s(schedule: Schedule, fwd: tuple[float, ...], bwd: tuple[float
     The closed forms ((m - 1 + p) T for GPipe/1F1B, m T + (p - 1) T / v for
     interleaved) hold for equal stages only; on real, uneven splits the DAG
     differs (interleaved by 5-11% on the splits we tried), so the DAG is the
-    estimate and the closed forms are tests of it.
+    estimate and the closed forms are tests of it. The same longest path is
+    swept with numpy where the schedule allows ([Note: schedule sweeps]).
     """
+    from autopar.cost.schedule_sweep import sweep_step_s
+
+    swept = sweep_step_s(schedule, fwd, bwd, pp, v, m)
+    if swept is not None:
+        return swept
     rounds = m // pp
     if m % pp == 0 and rounds > EXTRAPOLATE_ROUNDS:
         base = 4 + rounds % 2
@@ -349,6 +395,7 @@ def estimate_from_costs(costs: list[LayerCost], ranges: list[range], profile: Mo
     does not fit, or a floor of its pipeline time plus the other terms already
     reaches ``prune_above`` (``_pipeline_floor``: the DAG is never shorter).
     """
+    costs = costs_for_micro_batch(costs, profile, cluster, plan, opts)
     tp_inter, pp_inter, dp_inter = _links(plan, cluster)
     inflight = inflight_per_chunk(plan.schedule, plan.pp, plan.virtual_stages, plan.num_microbatches)
     devices, chunks = _devices(costs, ranges, plan, cluster, opts, inflight, tp_inter)
@@ -356,13 +403,12 @@ def estimate_from_costs(costs: list[LayerCost], ranges: list[range], profile: Mo
     boundary = _boundary_bytes(costs, ranges, plan, opts)
     pp_comm_s = 0.0
     if plan.pp > 1:
-        latency, bandwidth = cluster.link(pp_inter)
         sends = m * plan.virtual_stages + plan.pp - 1
-        pp_comm_s = 2 * sends * (latency + boundary / (bandwidth * opts.p2p_efficiency))
+        pp_comm_s = 2 * sends * send_s(boundary, pp_inter, cluster, opts.p2p_efficiency)
     dp_s = max(_dp_exposed_s(d, plan, cluster, opts, dp_inter) for d in devices)
-    opt_shard = plan.dp if plan.zero_stage >= 1 else 1
     hbm = cluster.device.hbm_bytes_per_s * opts.memory_efficiency
-    optimizer_s = max(d.params for d in devices) / opt_shard * C.OPTIMIZER_TRAFFIC_BYTES_PER_PARAM / hbm
+    # every rank steps its optimizer at once: ranks sharing a device share it ([Note: ranks sharing a device])
+    optimizer_s = optimizer_step_s(plan, max(d.params for d in devices), hbm) * cluster.shared_slowdown
     rest_s = pp_comm_s + dp_s + optimizer_s
     stages = []
     for rank, dev in enumerate(devices):
@@ -375,8 +421,34 @@ def estimate_from_costs(costs: list[LayerCost], ranges: list[range], profile: Mo
                                     or _pipeline_floor(devices, chunks, plan) + rest_s >= prune_above):
         return None  # cannot replace a plan that fits and is faster
     pipe_s, worst = _pipeline_s(devices, chunks, plan)
-    return _summary(profile, plan, cluster, pipe_s + rest_s, pipe_s, worst, devices, pp_comm_s, dp_s,
-                    optimizer_s, stages)
+    sharing_s = max(0.0, _shared_pipeline_s(devices, plan, cluster) - pipe_s)
+    cost = _summary(profile, plan, cluster, pipe_s + sharing_s + rest_s, pipe_s, worst, devices, pp_comm_s,
+                    dp_s, optimizer_s, stages)
+    if sharing_s:
+        cost.extras["sharing_s"] = sharing_s
+    return cost
+
+
+# [Note: ranks sharing a device] Where several ranks share one device (gloo processes on a host's cores:
+# ``ClusterSpec.ranks_per_device`` > 1) a rank computes at the device's own rate only while the others
+# wait; when all compute at once each is ``ClusterSpec.shared_slowdown`` times slower (measured by
+# ``autopar calibrate``, whose kernel rates are one rank's alone). So the pipeline, priced at the alone
+# rates, cannot finish before the node's ranks have done their compute at the shared rate:
+#     step >= m (shared_slowdown x mean_r compute_r + mean_r tp_r)
+# over the pipeline ranks r (data- and tensor-parallel peers do the same work); a data-parallel step
+# (every rank busy throughout) takes that bound, a pipeline whose bottleneck rank runs while the others
+# idle takes its DAG at the alone rate. Collectives and sends are measured with every group busy at
+# once, so they carry the sharing already. With a device per rank (shared_slowdown 1) the bound is the
+# mean rank's busy time, never above the DAG.
+
+
+def _shared_pipeline_s(devices: list[_Device], plan: Plan, cluster: ClusterSpec) -> float:
+    """The pipeline time the node's shared devices allow ([Note: ranks sharing a device])."""
+    if cluster.shared_slowdown <= 1.0:
+        return 0.0
+    compute = sum(d.compute_s for d in devices) / len(devices)
+    tp = sum(d.tp_s for d in devices) / len(devices)
+    return plan.num_microbatches * (cluster.shared_slowdown * compute + tp)
 
 
 def _summary(profile: ModelProfile, plan: Plan, cluster: ClusterSpec, step_s: float, pipe_s: float,
@@ -402,7 +474,7 @@ def estimate(profile: ModelProfile, cluster: ClusterSpec, plan: Plan,
     """Predicted step time and memory of ``plan`` (its stages must be set)."""
     opts = opts or CostOptions()
     costs = layer_costs(profile, cluster, tp=plan.tp, sequence_parallel=plan.sequence_parallel,
-                        recompute=plan.recompute, opts=opts)
+                        recompute=plan.recompute, opts=opts, micro_batch_size=plan.micro_batch_size)
     return estimate_from_costs(costs, chunk_ranges(profile, plan), profile, cluster, plan, opts)
 
 
@@ -415,15 +487,14 @@ def chunk_times(profile: ModelProfile, cluster: ClusterSpec, plan: Plan,
     """
     opts = opts or CostOptions()
     costs = layer_costs(profile, cluster, tp=plan.tp, sequence_parallel=plan.sequence_parallel,
-                        recompute=plan.recompute, opts=opts)
+                        recompute=plan.recompute, opts=opts, micro_batch_size=plan.micro_batch_size)
     tp_inter, pp_inter, _ = _links(plan, cluster)
     ranges = chunk_ranges(profile, plan)
     chunks = [_chunk_fwd_bwd([costs[i] for i in r], plan, cluster, opts, tp_inter) for r in ranges]
     if plan.pp == 1:
         return [c[0] for c in chunks], [c[1] for c in chunks], 0.0
-    latency, bandwidth = cluster.link(pp_inter)
-    return [c[0] for c in chunks], [c[1] for c in chunks], latency + _boundary_bytes(costs, ranges, plan, opts) / (
-        bandwidth * opts.p2p_efficiency)
+    return [c[0] for c in chunks], [c[1] for c in chunks], send_s(_boundary_bytes(costs, ranges, plan, opts),
+                                                                  pp_inter, cluster, opts.p2p_efficiency)
 
 
 def _boundary_bytes(costs: list[LayerCost], ranges: list[range], plan: Plan, opts: CostOptions) -> float:

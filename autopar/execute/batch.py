@@ -169,3 +169,14 @@ def pad_rows(ids, mask, labels, rows: int):
     def more(t, value):
         return torch.cat([t, t.new_full((rows, t.shape[1]), value)])
     return more(ids, 0), more(mask, 1), (more(labels, IGNORE_INDEX) if labels is not None else None)
+
+
+def pad_columns(ids, mask, labels, columns: int):
+    """Append ``columns`` positions that count no token to every row: token 0, mask 1, labels -100. Causal
+    attention never lets an earlier position see them, so the real positions' outputs are unchanged (the
+    sequence length a sequence-parallel layout splits must divide by tp)."""
+    if columns == 0:
+        return ids, mask, labels
+    def more(t, value):
+        return torch.cat([t, t.new_full((t.shape[0], columns), value)], dim=1)
+    return more(ids, 0), more(mask, 1), (more(labels, IGNORE_INDEX) if labels is not None else None)

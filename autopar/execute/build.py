@@ -19,13 +19,15 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.distributed.device_mesh import DeviceMesh
 
 from autopar.errors import AutoparError
+from autopar.execute import compat
 from autopar.execute.families import Family
 from autopar.execute.runtime import Runtime
 from autopar.execute.stage import StageModule
-from autopar.plan.types import Plan
+from autopar.cost.data_parallel import dp_wrapped, executed_zero_stage
+from autopar.plan.types import MeshAxis, Plan, Precision
 from autopar.profile.types import Recompute
 
 
@@ -34,15 +36,17 @@ class Layout:
     """This rank's place in the plan's mesh and what it holds."""
 
     plan: Plan
-    mesh: object | None  # DeviceMesh (dp, pp, tp) or None for a world of one
+    mesh: DeviceMesh | None
+    """The (dp, pp, tp) mesh (axes named by :class:`MeshAxis`), or None for a world of one."""
     dp_rank: int = 0
     pp_rank: int = 0
     tp_rank: int = 0
     chunks: list[int] = field(default_factory=list)
     """Chunk indices (model order) this pipeline rank runs."""
 
-    def sub(self, axis: str):
-        return None if self.mesh is None else self.mesh[axis]
+    def sub(self, axis: MeshAxis) -> DeviceMesh | None:
+        """The 1-D mesh of one axis (None in a world of one)."""
+        return None if self.mesh is None else self.mesh[MeshAxis(axis).value]
 
     @property
     def num_chunks(self) -> int:
@@ -55,11 +59,13 @@ def make_layout(plan: Plan, rt: Runtime) -> Layout:
                            f"but WORLD_SIZE={rt.world_size}; plan for this world")
     mesh = None
     coords = (0, 0, 0)
-    if rt.distributed:
+    if rt.distributed or dp_wrapped(plan.dp, plan.precision):
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(rt.device.type, (plan.dp, plan.pp, plan.tp), mesh_dim_names=("dp", "pp", "tp"))
-        coords = tuple(mesh[a].get_local_rank() for a in ("dp", "pp", "tp"))
+        compat.start_one_process_group(rt.device)  # a world of one under bf16_mixed: FSDP2 casts over a mesh
+        axes = tuple(a.value for a in MeshAxis)  # dp, pp, tp: outermost first
+        mesh = init_device_mesh(rt.device.type, (plan.dp, plan.pp, plan.tp), mesh_dim_names=axes)
+        coords = tuple(mesh[a].get_local_rank() for a in axes)
     chunks = [c for c in range(plan.pp * plan.virtual_stages) if plan.stage_rank(c) == coords[1]]
     return Layout(plan=plan, mesh=mesh, dp_rank=coords[0], pp_rank=coords[1], tp_rank=coords[2], chunks=chunks)
 
@@ -67,16 +73,6 @@ def make_layout(plan: Plan, rt: Runtime) -> Layout:
 def _block_indices(family: Family, names) -> list[int]:
     pattern = re.compile("^" + re.escape(family.names[1]).replace(r"\{\}", r"(\d+)") + "$")
     return [int(m.group(1)) for n in names if (m := pattern.match(n))]
-
-
-def _checkpointed(module: nn.Module) -> None:
-    """Recompute ``module`` in backward (non-reentrant torch.utils.checkpoint), whatever its train mode."""
-    inner = module.forward
-
-    def forward(*args, **kwargs):
-        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
-
-    module.forward = forward
 
 
 def cut_to_rank(model: nn.Module, family: Family, layout: Layout) -> dict[int, dict[str, nn.Module]]:
@@ -90,69 +86,111 @@ def cut_to_rank(model: nn.Module, family: Family, layout: Layout) -> dict[int, d
     setattr(base, family.blocks_attr, nn.ModuleDict(dict(sorted(kept.items(), key=lambda kv: int(kv[0])))))
     first, last = 0 in layout.chunks, layout.num_chunks - 1 in layout.chunks
     if not first:
-        for name in (("wte", "wpe") if family.name == "gpt2" else ("embed_tokens",)):
+        for name in family.first_attrs():
             setattr(base, name, None)
     if not last:
-        setattr(base, "ln_f" if family.name == "gpt2" else "norm", None)
-        model.lm_head = None
+        setattr(base, family.norm_attr, None)
+        setattr(model, family.spec.head, None)
     return per_chunk
 
 
 def apply_tp(model: nn.Module, family: Family, layout: Layout, converted: set[str]) -> None:
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        RowwiseParallel,
-        parallelize_module,
-    )
+    """Tensor parallelism (and sequence parallelism where the plan says so) on this rank's modules: the
+    blocks as the family declares them, the embedding and LM head split over the vocabulary, the logits
+    left sharded for the loss ([Note: vocab-parallel embedding and loss], [Note: sequence parallelism])."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, SequenceParallel, parallelize_module
 
-    tp_mesh = layout.sub("tp")
+    from autopar.execute.vocab_parallel import apply_vocab_parallel_embedding
+
+    tp_mesh = layout.sub(MeshAxis.TP)
     tp = layout.plan.tp
+    sp = layout.plan.sequence_parallel
     base = getattr(model, family.base)
     for key, block in getattr(base, family.blocks_attr).items():
         before = {n for n, m in block.named_modules() if type(m).__name__ == "Conv1D"}
         family.prepare_block_for_tp(block, tp)
         prefix = f"{family.block_name(int(key))}."
         converted.update(prefix + n for n in before)
-        parallelize_module(block, tp_mesh, family.block_tp_plan(model.config))
-    tied = model.lm_head is not None and getattr(model.config, "tie_word_embeddings", False)
-    emb = base.wte if family.name == "gpt2" else base.embed_tokens
+        plan = family.block_sp_plan(model.config, block) if sp else family.block_tp_plan(model.config)
+        parallelize_module(block, tp_mesh, plan)
+    head = family.head(model)
+    tied = head is not None and getattr(model.config, "tie_word_embeddings", False)
+    emb = family.embedding(model)
     if emb is not None:
-        parallelize_module(emb, tp_mesh, RowwiseParallel(input_layouts=Replicate()))
-    if model.lm_head is not None:
-        parallelize_module(model.lm_head, tp_mesh, ColwiseParallel(output_layouts=Replicate()))
+        apply_vocab_parallel_embedding(emb, tp_mesh, sequence_parallel=sp)
+        if sp:
+            parallelize_module(base, tp_mesh, family.first_stage_sp_plan())
+    if head is not None:
+        if sp:
+            parallelize_module(family.final_norm(model), tp_mesh, SequenceParallel(use_local_output=True))
+        parallelize_module(head, tp_mesh, ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(),
+                                                          output_layouts=Shard(-1), use_local_output=True))
         if tied and emb is not None:
-            model.lm_head.weight = emb.weight  # both Shard(0) over the vocabulary: one parameter again
+            head.weight = emb.weight  # both Shard(0) over the vocabulary: one parameter again
 
 
-def replicated_grad_params(model: nn.Module, family: Family, layout: Layout) -> list[nn.Parameter]:
-    """Parameters whose gradient DTensor returns replicated though the parameter is sharded: the
-    vocab-parallel embedding (the whole table's gradient on every TP rank). The step cuts them back to
-    the rank's rows (``ParallelRuntime._shard_grads``); under FSDP2 (dp > 1) its reduce-scatter does."""
-    emb = getattr(getattr(model, family.base), "wte" if family.name == "gpt2" else "embed_tokens")
-    if layout.plan.tp > 1 and layout.plan.dp == 1 and emb is not None:
-        return [emb.weight]
-    return []
+def partial_grad_params(model: nn.Module, family: Family, layout: Layout) -> list[nn.Parameter]:
+    """Parameters whose gradient DTensor returns in another placement than the parameter's: under sequence
+    parallelism the replicated norm weights, whose gradient arrives ``Partial`` (each TP rank's sum over its
+    slice of the sequence). The step redistributes them to the parameter's placement (an all-reduce;
+    ``ParallelRuntime._shard_grads``); under FSDP2 (dp > 1) its reduce-scatter does."""
+    from torch.distributed.tensor import DTensor
+
+    if not layout.plan.sequence_parallel or layout.plan.dp > 1:
+        return []
+    base = getattr(model, family.base)
+    modules = [m for block in getattr(base, family.blocks_attr).values() for m in block.children()]
+    if family.head(model) is not None:
+        modules.append(family.final_norm(model))
+    return [p for m in modules if "norm" in type(m).__name__.lower() for p in m.parameters()
+            if isinstance(p, DTensor) and p.requires_grad]
+
+
+def tp_summed_grad_params(model: nn.Module, family: Family, layout: Layout) -> list[nn.Parameter]:
+    """Parameters transformers marks ``replicated_with_grad_allreduce`` (Qwen3's and Gemma 3's per-head q/k
+    norms): replicated over TP, each rank's gradient covers only its heads, so the step sums them over
+    the TP group."""
+    if layout.plan.tp == 1:
+        return []
+    names = family.tp_grad_sum_modules(model.config)
+    base = getattr(model, family.base)
+    return [p for block in getattr(base, family.blocks_attr).values() for n in names
+            for p in block.get_submodule(n).parameters() if p.requires_grad]
 
 
 def apply_recompute(model: nn.Module, family: Family, recompute: Recompute) -> None:
     if recompute == Recompute.NONE:
         return
     for block in getattr(getattr(model, family.base), family.blocks_attr).values():
-        _checkpointed(block if recompute == Recompute.FULL else family.attention(block))
+        compat.recompute_module(block if recompute == Recompute.FULL else family.attention(block))
 
 
-def apply_fsdp(stages: list[StageModule], layout: Layout) -> None:
-    from torch.distributed.fsdp import fully_shard
-
-    dp_mesh = layout.sub("dp")
-    reshard = layout.plan.zero_stage == 3
+def apply_data_parallel(stages: list[StageModule], layout: Layout) -> None:
+    """Wrap every block, then every stage, for the plan's ZeRO stage and precision (see
+    :func:`wrap_data_parallel`); the caller does it where ``dp_wrapped`` says so."""
     for stage in stages:
         for block in stage.blocks.values():
-            fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard)
-            sum_gradients(block)
-        fully_shard(stage, mesh=dp_mesh, reshard_after_forward=reshard)
-        sum_gradients(stage)
+            wrap_data_parallel(block, layout)
+        wrap_data_parallel(stage, layout)
+
+
+def wrap_data_parallel(module: nn.Module, layout: Layout) -> None:
+    """What autopar/cost/data_parallel.py [Note: ZeRO stages as run] prices: ZeRO 0 (or one data-parallel rank) is
+    torch's composable ``replicate`` (compat.replicate), 2 and 3 are FSDP2 ``fully_shard`` without and with
+    resharding after forward; ``bf16_mixed`` casts through FSDP2's ``MixedPrecisionPolicy`` (bf16 parameters
+    for compute, fp32 gradient reduction) in every case. Gradients are summed, not averaged."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    plan = layout.plan
+    mesh = layout.sub(MeshAxis.DP)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if plan.precision is Precision.BF16_MIXED else MixedPrecisionPolicy()
+    if executed_zero_stage(plan) == 0:
+        compat.replicate(module, mesh=mesh, mp_policy=mp)
+    else:
+        fully_shard(module, mesh=mesh, reshard_after_forward=plan.zero_stage == 3, mp_policy=mp)
+    sum_gradients(module)
 
 
 def sum_gradients(module) -> None:
@@ -199,10 +237,13 @@ def fill_from(model: nn.Module, family: Family | None, source, tp: int, converte
     """
     from autopar.execute import weights
 
-    unknown = [n for n, _ in model.named_buffers() if ".rotary_emb." not in n]
-    if unknown:  # to_empty leaves buffers uninitialised; only the rotary tables are rebuilt below
-        raise AutoparError(f"buffers {unknown} of {type(model).__name__} are not in the checkpoint and autopar "
-                           "cannot rebuild them; this architecture needs an adapter (docs/executor.md)")
+
+    persistent = compat.persistent_buffers(model)
+    if persistent:  # to_empty leaves buffers uninitialised; only computed (non-persistent) ones are rebuilt
+        raise AutoparError(f"buffers {persistent[:4]} of {type(model).__name__} are stored in checkpoints and autopar "
+                           "reads parameters only; train it data-parallel (tp=1, pp=1) or add it to "
+                           "autopar/families.py (docs/families.md)")
+    owners_of_buffers = [m for m in model.modules() if m._buffers]
     owners: dict[int, tuple[nn.Module, str]] = {}
     shared = []
     for module in model.modules():
@@ -214,6 +255,7 @@ def fill_from(model: nn.Module, family: Family | None, source, tp: int, converte
     model.to_empty(device=device)  # gives each module its own new tensor: re-tie what was shared
     for module, attr, owner, owner_attr in shared:
         setattr(module, attr, getattr(owner, owner_attr))
+    compat.rebuild_buffers(model, owners_of_buffers, device)  # before the parameters: it may touch them
     with torch.no_grad():
         if hasattr(source, "stream"):  # tensors arrive one at a time, in the source's order
             by_name: dict[str, list[tuple[str, nn.Parameter]]] = {}
@@ -228,7 +270,3 @@ def fill_from(model: nn.Module, family: Family | None, source, tp: int, converte
         else:
             for name, param in model.named_parameters():
                 _fill_param(name, param, source, family, tp, converted, device)
-    if family is not None and family.name == "llama":
-        base = getattr(model, family.base)
-        fresh = type(base.rotary_emb)(config=model.config)
-        base.rotary_emb = fresh.to(device)

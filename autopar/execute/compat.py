@@ -363,3 +363,92 @@ def called_through_torch_compile() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+# --- buffers of a model built on the meta device ----------------------------------------------------------
+def persistent_buffers(model: torch.nn.Module) -> list[str]:
+    """Names of buffers a checkpoint stores (everything but each module's ``_non_persistent_buffers_set``)."""
+    return [f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
+            for name in module._buffers if name not in module._non_persistent_buffers_set]
+
+
+def rebuild_buffers(model: torch.nn.Module, modules: list[torch.nn.Module], device: torch.device) -> None:
+    """Recompute the computed buffers (rotary tables, embedding scales) of ``modules`` after ``to_empty``.
+
+    transformers does the same after its own meta-device load: ``PreTrainedModel._init_weights`` knows
+    every buffer its modules compute (``_initialize_missing_keys``). It may also draw parameters of those
+    modules, so it runs before they are filled, under a forked generator (the user's stream is untouched).
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        for module in modules:
+            model._init_weights(module)
+
+
+# --- activation recomputation --------------------------------------------------------------------------
+def recompute_module(module: torch.nn.Module) -> None:
+    """Recompute ``module``'s activations in backward: torch's composable ``checkpoint`` (non-reentrant,
+    parameter names unchanged; it composes with ``fully_shard``). Its state on the module is what
+    :func:`is_recomputed` reads back."""
+    from torch.distributed._composable import checkpoint
+
+    checkpoint(module)
+
+
+def is_recomputed(module: torch.nn.Module) -> bool:
+    from torch.distributed._composable import checkpoint
+
+    return checkpoint.state(module) is not None
+
+
+# --- what torch holds about a built module (autopar.execute.observe) -----------------------------------
+def fsdp_settings(module: torch.nn.Module) -> dict | None:
+    """FSDP2's own settings of a ``fully_shard``-ed module: reshard after forward, parameter and
+    reduction dtypes; None if FSDP2 does not manage it (or it holds no parameters of its own)."""
+    get_state = getattr(module, "_get_fsdp_state", None)
+    group = getattr(get_state(), "_fsdp_param_group", None) if get_state is not None else None
+    if group is None:
+        return None
+    return {"reshard_after_forward": group.post_forward_mesh_info is not None,
+            "param_dtype": group.mp_policy.param_dtype, "reduce_dtype": group.mp_policy.reduce_dtype,
+            "mesh_size": group.mesh_info.mesh.size()}
+
+
+def ddp_managed(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is data-parallel through DDP (the class, or the composable ``replicate``)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(module, DistributedDataParallel):
+        return True
+    try:
+        from torch.distributed._composable import replicate
+        from torch.distributed._composable.replicate_with_fsdp import ReplicateModule
+    except ImportError:  # pragma: no cover - torch without the composable API
+        return False
+    return isinstance(module, ReplicateModule) or replicate.state(module) is not None
+
+
+# --- data parallel (autopar.execute.build.apply_data_parallel) -------------------------------------------
+def replicate(module: torch.nn.Module, *, mesh, mp_policy) -> None:
+    """ZeRO-0: torch's composable DDP built on FSDP2's machinery (``torch.distributed._composable
+    .replicate_with_fsdp.replicate``, private in torch 2.13): parameters replicated over ``mesh``, each
+    module's gradients all-reduced in one collective, FSDP2's ``MixedPrecisionPolicy``, gradient sync
+    and divide-factor controls. Not ``torch.distributed._composable.replicate`` nor
+    ``DistributedDataParallel``: both are DDP, which refuses DTensor (tensor-parallel) parameters
+    (``mixed torch.Tensor and DTensor``), and torch's pipeline stages drive this one's gradient sync as
+    they drive FSDP2's. Costs a second full copy of each module's parameters from its forward to its
+    backward (it computes with an all-gathered copy, as FSDP2 does; priced: autopar/cost/data_parallel.py
+    [Note: ZeRO stages as run])."""
+    from torch.distributed._composable.replicate_with_fsdp import replicate as replicate_with_fsdp
+
+    replicate_with_fsdp(module, mesh=mesh, mp_policy=mp_policy)
+
+
+def start_one_process_group(device: torch.device) -> None:
+    """A process group of this process alone (an in-memory store), if none is started: FSDP2's mixed
+    precision needs a device mesh even for a world of one (plain ``python`` under ``bf16_mixed``)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)

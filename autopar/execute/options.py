@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass, fields
 
 from autopar import schema
 from autopar.errors import AutoparError
-from autopar.plan.types import Pins, Schedule
+from autopar.launch import DEFAULT_MEMORY_HEADROOM
+from autopar.plan.types import Pins, Precision, Schedule, zero_stage_problem
 from autopar.profile.types import Recompute
 
 OPTIONS_ENV = "AUTOPAR_OPTIONS"
@@ -48,9 +49,15 @@ class ParallelOptions:
     recompute: str | None = None
     """``none``, ``selective`` or ``full``."""
     zero_stage: int | None = None
-    """0, 1 or 3 (every dp>1 layout runs FSDP2; see docs/executor.md)."""
-    memory_headroom: float = 0.1
-    """Fraction of each device's memory the plan leaves free (0 <= headroom < 1)."""
+    """0 (replicated, gradients all-reduced), 2 or 3 (FSDP2; docs/executor.md#zero-stages)."""
+    sequence_parallel: bool | None = None
+    """Split the activations between the tensor-parallel regions over the sequence (default: on wherever
+    tp > 1 and the family supports it; docs/executor.md#sequence-and-loss-parallelism)."""
+    precision: str | None = None
+    """``fp32``, ``bf16`` or ``bf16_mixed``; None: the dtype the model is built in (float32 -> fp32,
+    bfloat16 -> bf16). ``bf16_mixed`` needs a float32 model (docs/executor.md#precision)."""
+    memory_headroom: float = DEFAULT_MEMORY_HEADROOM
+    """Fraction of each device's memory the plan leaves free (0 <= headroom < 1; explain's default too)."""
     cluster: str | None = None
     """A cluster preset or JSON file to plan for instead of the detected one (docs/clusters.md)."""
     log_every: int = 10
@@ -80,6 +87,9 @@ class ParallelOptions:
         for name in ("check_batch",):
             if not isinstance(getattr(self, name), bool):
                 raise AutoparError(f"autopar option {name}={getattr(self, name)!r}: use True or False")
+        if self.sequence_parallel is not None and not isinstance(self.sequence_parallel, bool):
+            raise AutoparError(f"autopar option sequence_parallel={self.sequence_parallel!r}: use True or False "
+                               "(or leave it out to let autopar choose)")
         if self.cluster is not None and not isinstance(self.cluster, str):
             raise AutoparError(f"autopar option cluster={self.cluster!r}: use a preset name or a JSON file path")
         if self.schedule is not None and self.schedule not in {s.value for s in Schedule}:
@@ -87,8 +97,12 @@ class ParallelOptions:
                                f"{', '.join(s.value for s in Schedule)}")
         if self.recompute is not None and self.recompute not in {r.value for r in Recompute}:
             raise AutoparError(f"autopar option recompute={self.recompute!r}: use none, selective or full")
-        if self.zero_stage is not None and self.zero_stage not in (0, 1, 3):
-            raise AutoparError(f"autopar option zero_stage={self.zero_stage!r}: use 0, 1 or 3")
+        problem = zero_stage_problem(self.zero_stage) if self.zero_stage is not None else None
+        if problem:
+            raise AutoparError(f"autopar option zero_stage={self.zero_stage!r}: {problem}")
+        if self.precision is not None and self.precision not in {p.value for p in Precision}:
+            raise AutoparError(f"autopar option precision={self.precision!r}: use one of "
+                               f"{', '.join(p.value for p in Precision)} (or leave it out: the model's dtype)")
         if not isinstance(self.memory_headroom, (int, float)) or not 0 <= self.memory_headroom < 1:
             raise AutoparError(f"autopar option memory_headroom={self.memory_headroom!r}: use a fraction in [0, 1)")
         if self.data not in ("auto", "global", "sharded"):
@@ -125,13 +139,13 @@ class ParallelOptions:
         return cls(**kwargs)
 
     def pins(self) -> Pins:
-        """The planner's pins; sequence parallelism is not executed yet, so it is pinned off."""
+        """The planner's pins (what the executor cannot run is pinned off by ``autopar.launch.capabilities_pins``)."""
         return Pins(dp=self.dp, tp=self.tp, pp=1 if self.own_loss else self.pp,
                     micro_batch_size=self.micro_batch_size, single_microbatch=self.own_loss,
                     virtual_stages=self.virtual_stages,
                     schedule=Schedule(self.schedule) if self.schedule else None,
                     recompute=Recompute(self.recompute) if self.recompute else None,
-                    zero_stage=self.zero_stage, sequence_parallel=False)
+                    zero_stage=self.zero_stage, sequence_parallel=self.sequence_parallel)
 
     def to_json(self) -> str:
         """The options as JSON (every rank's must agree); a loss function by its qualified name."""

@@ -13,35 +13,40 @@ import logging
 import threading
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from autopar.cluster import ClusterSpec
 from autopar.errors import AutoparError, UnsupportedModelError
 from autopar.execute import checkpoint, compat, surface
 from autopar.execute.agree import agree_on_plan, config_dict, config_json
 from autopar.execute.build import (
-    apply_fsdp,
+    apply_data_parallel,
     apply_recompute,
     apply_tp,
     cut_to_rank,
     fill_from,
     make_layout,
-    replicated_grad_params,
-    sum_gradients,
+    partial_grad_params,
+    tp_summed_grad_params,
+    wrap_data_parallel,
 )
-from autopar.execute.families import SPLITTABLE, Family, family_of
+from autopar.cost.data_parallel import dp_wrapped
+from autopar.execute.families import Family, fallback_reason, family_of
 from autopar.execute.options import DEFAULT_SEQ_LEN, ParallelOptions
 from autopar.execute.runtime import (
     Runtime,
     detect_runtime,
+    executor_launch,
     node_of_every_rank,
-    runtime_cluster,
 )
 from autopar.execute.stage import StageModule
 from autopar.execute.step import ParallelRuntime
-from autopar.plan.types import Plan, Schedule
+from autopar.launch import Planning, launch_cluster
+from autopar.plan.types import Plan, Schedule, model_precision
 from autopar.profile.types import Recompute
 
 log = logging.getLogger("autopar")
@@ -80,15 +85,43 @@ class Planned:
 
 
 def _attention(config) -> str:
-    impl = getattr(config, "_attn_implementation", None) or "sdpa"
+    """The attention kernel the user's own build would get: the config's choice, else transformers'
+    default (SDPA where the model class supports it, eager otherwise: Gemma 2)."""
+    impl = getattr(config, "_attn_implementation", None)
+    if impl is None:
+        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        try:
+            impl = "sdpa" if getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], "_supports_sdpa", True) else "eager"
+        except KeyError:
+            impl = "sdpa"
     return impl if impl in ("sdpa", "eager") else "sdpa"
 
 
-def _fallback_reason(config) -> str | None:
-    if family_of(config) is not None:
-        return None
-    return (f"architecture {config.model_type!r} has no autopar split adapter (tensor/pipeline parallel "
-            f"supports {', '.join(sorted(SPLITTABLE))}); training it data-parallel with FSDP2 only")
+
+
+def model_name(config) -> str:
+    """The name ``autopar explain`` gives the same model (``autopar.profile.config.config_name``): a plan's
+    ``model`` is in its digest."""
+    from autopar.profile.config import config_name
+
+    ref = getattr(config, "_name_or_path", "") or ""
+    autopar_name = getattr(config, "_autopar_name", None)
+    path = Path(ref)
+    if ref and path.is_dir() and (path / "config.json").is_file():
+        return config_name(path / "config.json", autopar_name)
+    if ref and path.is_file():
+        return config_name(path, autopar_name)
+    return autopar_name or ref or config.model_type
+
+
+def launch_of(config, rt: Runtime, options: ParallelOptions, dtype: torch.dtype) -> tuple[ClusterSpec, Planning]:
+    """This job's cluster and planning inputs, from the function ``autopar explain`` uses too
+    ([Note: explain = run] in autopar/launch.py)."""
+    launch = executor_launch(rt, cluster=options.cluster, memory_headroom=options.memory_headroom,
+                             dtype_bytes=torch.empty((), dtype=dtype).element_size(),
+                             precision=model_precision(str(dtype), options.precision), model_type=config.model_type)
+    return launch_cluster(launch, options.pins())
 
 
 def profile_config(config, rt: Runtime, options: ParallelOptions, dtype: torch.dtype):
@@ -96,44 +129,43 @@ def profile_config(config, rt: Runtime, options: ParallelOptions, dtype: torch.d
     from autopar.profile.analytic import profile_analytic
     from autopar.profile.config import arch_from_dict
 
-    name = getattr(config, "_name_or_path", "") or config.model_type
     try:
-        arch = arch_from_dict(name, config_dict(config))
+        arch = arch_from_dict(model_name(config), config_dict(config))
     except UnsupportedModelError:
         return None, options.seq_len or DEFAULT_SEQ_LEN
     seq = options.seq_len or min(DEFAULT_SEQ_LEN, arch.max_position_embeddings)
-    elem = torch.empty((), dtype=dtype).element_size()
-    return profile_analytic(arch, seq_len=seq, dtype_bytes=elem, attention=_attention(config),
-                            device_type=rt.device.type), seq
+    _, planning = launch_of(config, rt, options, dtype)
+    return profile_analytic(arch, seq_len=seq, dtype_bytes=planning.dtype_bytes, attention=_attention(config),
+                            device_type=planning.device_type), seq
 
 
 def plan_model(config, rt: Runtime, options: ParallelOptions, profile, seq: int,
                dtype: torch.dtype) -> tuple[Plan, str]:
     """The plan for ``config`` on this job's cluster, and a one-line summary for the log."""
-    from dataclasses import replace
-
     from autopar.cost.layers import CostOptions, user_logits_bytes_per_seq
     from autopar.plan.search import search
 
     batch = options.global_batch_size or rt.world_size
-    name = getattr(config, "_name_or_path", "") or config.model_type
+    name = model_name(config)
     if profile is None:  # cannot even be profiled: FSDP2 over every rank, one micro-batch per step
+        pinned = {k: getattr(options, k) for k in ("tp", "pp") if getattr(options, k) not in (None, 1)}
+        if pinned:
+            raise AutoparError(f"options {pins_text(options)}: {config.model_type!r} cannot be profiled, so autopar "
+                               "trains it data-parallel only; drop the tp/pp options")
         if batch % rt.world_size:
             raise AutoparError(f"global_batch_size={batch} does not divide over {rt.world_size} data-parallel "
                                f"ranks; pass a multiple of {rt.world_size}")
         plan = Plan(dp=rt.world_size, tp=1, pp=1, micro_batch_size=batch // rt.world_size, num_microbatches=1,
                     schedule=Schedule.ONE_F_ONE_B, virtual_stages=1, recompute=Recompute.NONE,
                     zero_stage=3, sequence_parallel=False, stages=(), global_batch_size=batch,
-                    seq_len=seq, model=name)
+                    seq_len=seq, model=name, precision=model_precision(str(dtype), options.precision))
         return plan, f"{plan.describe()} (not profiled: unknown architecture)"
-    pins = options.pins()
-    if family_of(config) is None:
-        pins = replace(pins, tp=1, pp=1)
-    cluster = runtime_cluster(rt, options.cluster, options.memory_headroom)
+    cluster, planning = launch_of(config, rt, options, dtype)
     opts = CostOptions(user_logits_bytes_per_seq=user_logits_bytes_per_seq(
-        seq, config.vocab_size, torch.empty((), dtype=dtype).element_size())) if options.own_loss else None
+        seq, config.vocab_size, planning.dtype_bytes)) if options.own_loss else None
     try:
-        result = search(profile, cluster, global_batch_size=batch, pins=pins, opts=opts, alternatives=False)
+        result = search(profile, cluster, global_batch_size=batch, pins=planning.pins, opts=opts,
+                        alternatives=False)
     except AutoparError as err:  # the planner speaks in explain's flags; say it in the one line's terms
         raise AutoparError(f"{err} [executor: {rt.world_size} process(es) of {cluster.nodes} node(s); "
                            f"options global_batch_size={batch}, seq_len={seq}, pins {pins_text(options)}; "
@@ -164,7 +196,7 @@ def plan_everywhere(config, rt: Runtime, options: ParallelOptions, dtype: torch.
 
     plan = agree_on_plan(make, options_json=options.to_json(), config_json=config_json(config), dtype=str(dtype))
     flops = profile.model_flops_per_seq() / seq if profile is not None else 0.0
-    return Planned(plan, flops, _fallback_reason(config), summary[0] if summary else plan.describe())
+    return Planned(plan, flops, fallback_reason(config), summary[0] if summary else plan.describe())
 
 
 class _WholeModelStage(nn.Module):
@@ -194,9 +226,7 @@ def _tie_group(model, family: Family, layout, rt: Runtime):
                 mine = group
     if mine is None:
         return None, None
-    base = getattr(model, family.base)
-    param = (base.wte if family.name == "gpt2" else base.embed_tokens).weight if layout.pp_rank == 0 \
-        else model.lm_head.weight
+    param = family.embedding(model).weight if layout.pp_rank == 0 else family.head(model).weight
     return mine, param
 
 
@@ -233,38 +263,34 @@ def build_parallel(model_cls, config, source, rt: Runtime, options: ParallelOpti
     plan = planned.plan
     layout = make_layout(plan, rt)
     _check_tp_placement(layout, rt)
-    fam = family_of(config)
+    family = family_of(config)
     converted: set[str] = set()
-    if fam is None:
+    if family is None:
         if whole_model is None:
             raise AssertionError("the data-parallel fallback needs the model in memory")
         model = whole_model.to(rt.device)
         stage = _WholeModelStage(model)
-        if plan.dp > 1:
-            from torch.distributed.fsdp import fully_shard
-
+        if dp_wrapped(plan.dp, plan.precision):
             layers = set(getattr(model, "_no_split_modules", None) or ())
             for module in model.modules():
                 if type(module).__name__ in layers:
-                    fully_shard(module, mesh=layout.sub("dp"))
-                    sum_gradients(module)
-            fully_shard(stage, mesh=layout.sub("dp"))
-            sum_gradients(stage)
+                    wrap_data_parallel(module, layout)
+            wrap_data_parallel(stage, layout)
         stages = {0: stage}
-        family = None
     else:
-        family = Family(fam)
         with building(), torch.device("meta"):
             model = model_cls._from_config(config, dtype=dtype, attn_implementation=_attention(config))
         if getattr(config, "tie_word_embeddings", False):  # a meta build may leave the head untied
-            model.lm_head.weight = model.get_input_embeddings().weight
+            family.head(model).weight = model.get_input_embeddings().weight
         per_chunk = cut_to_rank(model, family, layout)
+        # recomputation first: its hooks then see a module's inputs before TP's (a sequence-parallel
+        # attention's PrepareModuleInput gather runs inside the checkpoint and again when it recomputes)
+        apply_recompute(model, family, plan.recompute)
         if plan.tp > 1:
             apply_tp(model, family, layout, converted)
-        apply_recompute(model, family, plan.recompute)
         stages = {c: StageModule(family, model, c, layout.num_chunks, blocks) for c, blocks in per_chunk.items()}
-        if plan.dp > 1:
-            apply_fsdp(list(stages.values()), layout)
+        if dp_wrapped(plan.dp, plan.precision):  # autopar/cost/data_parallel.py [Note: ZeRO stages as run]
+            apply_data_parallel(list(stages.values()), layout)
         fill_from(model, family, source, plan.tp, converted, rt.device)
     model.train(training)
     tie_group, tied_param = _tie_group(model, family, layout, rt) if family else (None, None)
@@ -273,7 +299,8 @@ def build_parallel(model_cls, config, source, rt: Runtime, options: ParallelOpti
     runtime = ParallelRuntime(model=model, family=family, plan=plan, layout=layout, rt=rt, stages=stages,
                               options=options, model_flops_per_token=planned.flops_per_token,
                               tie_group=tie_group, tied_param=tied_param, converted=frozenset(converted),
-                              shard_grads=replicated_grad_params(model, family, layout) if family else [],
+                              shard_grads=partial_grad_params(model, family, layout) if family else [],
+                              tp_sum_grads=tp_summed_grad_params(model, family, layout) if family else [],
                               dropout=_dropout_stream(model, layout, rt))
     _register_gradients(model, plan, tied_param, rt)
     object.__setattr__(model, "_autopar", runtime)
@@ -293,9 +320,10 @@ def _dropout_stream(model: nn.Module, layout, rt: Runtime):
     if rt.rank == 0:
         shown = ", ".join(f"{k}={v:g}" for k, v in sorted(settings.items())[:4])
         warnings.warn(f"autopar: dropout is on ({shown}): masks are drawn per rank (the same on a tensor-parallel "
-                      "group's ranks), so training matches one device in distribution, not bit for bit "
-                      "(docs/executor.md#dropout)", stacklevel=5)
-    return DropoutStream(shared_seed(rt.device), layout.dp_rank, layout.pp_rank, rt.device)
+                      "group's ranks, unless it is sequence-parallel), so training matches one device in "
+                      "distribution, not bit for bit (docs/executor.md#dropout)", stacklevel=5)
+    tp_rank = layout.tp_rank if layout.plan.sequence_parallel else 0  # rng.py [Note: random numbers]
+    return DropoutStream(shared_seed(rt.device), layout.dp_rank, layout.pp_rank, rt.device, tp_rank=tp_rank)
 
 
 def _register_gradients(model: nn.Module, plan: Plan, tied_param, rt: Runtime) -> None:

@@ -15,7 +15,10 @@
   matches one device in distribution, not bit for bit: masks differ from one
   process's, and the attention-probability masks of a TP group's heads are
   drawn from one stream (correlated across its ranks, unlike Megatron-LM's
-  separate model-parallel stream).
+  separate model-parallel stream). Under sequence parallelism no dropout acts
+  on a replicated tensor (the residual stream is split over the sequence, the
+  attention over heads), so each TP rank draws from its own stream: the same
+  stream on every rank would give every slice of the sequence the same mask.
 """
 
 from __future__ import annotations
@@ -68,11 +71,12 @@ def shared_seed(device: torch.device) -> int:
 
 
 class DropoutStream:
-    """A generator state per (data-parallel, pipeline) coordinate, the same on a TP group's ranks."""
+    """A generator state per (data-parallel, pipeline) coordinate, the same on a TP group's ranks unless
+    ``tp_rank`` is given (sequence parallelism, [Note: random numbers])."""
 
-    def __init__(self, seed: int, dp_rank: int, pp_rank: int, device: torch.device):
+    def __init__(self, seed: int, dp_rank: int, pp_rank: int, device: torch.device, tp_rank: int = 0):
         self.device = device
-        stream_seed = (seed * 1_000_003 + dp_rank * 65_537 + pp_rank + 1) % 2**63
+        stream_seed = (seed * 1_000_003 + dp_rank * 65_537 + pp_rank + 1 + tp_rank * 2_147_483_659) % 2**63
         self._cpu = torch.Generator().manual_seed(stream_seed).get_state()
         self._cuda = None
         if device.type == "cuda":

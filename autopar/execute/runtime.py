@@ -4,7 +4,9 @@ Ranks come from torchrun's environment (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``); a plain ``python`` run is a world of
 one. The cluster the planner sees is ``WORLD_SIZE / LOCAL_WORLD_SIZE`` nodes of
 ``LOCAL_WORLD_SIZE`` devices: CUDA devices (NCCL) when there are any, else
-CPU processes (gloo) sharing this host's memory.
+CPU processes (gloo) sharing this host's memory. :func:`executor_launch`
+describes the job for ``autopar.launch.launch_cluster``, the function
+``autopar explain`` plans through too ([Note: explain = run]).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from autopar.cluster import PRESETS, ClusterSpec, DeviceSpec, cpu_cluster, load_cluster
-from autopar.errors import AutoparError
+from autopar.cluster import PRESETS, ClusterSpec, DeviceSpec
+from autopar.launch import DEFAULT_MEMORY_HEADROOM, Launch, env_int, launch_cluster, torchrun_world
+from autopar.plan.types import Precision
 
 COLLECTIVE_TIMEOUT_S = 300
 """Timeout of the process group autopar creates: a rank that stops answering
@@ -41,40 +44,33 @@ class Runtime:
         return self.world_size > 1
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise AutoparError(f"environment {name}={raw!r} is not an integer (torchrun sets it)") from None
+def runtime_from_env(environ=os.environ) -> Runtime:
+    """This rank as torchrun's environment describes it (no process group started, no device set)."""
+    world, local_world = torchrun_world(environ)
+    local_rank = env_int(environ, "LOCAL_RANK", 0)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    else:
+        device = torch.device("cpu")
+    return Runtime(rank=env_int(environ, "RANK", 0), world_size=world, local_rank=local_rank,
+                   local_world_size=local_world, device=device)
 
 
 def detect_runtime() -> Runtime:
     """Read torchrun's environment and start the process group if needed."""
-    world = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
-    local_world = _env_int("LOCAL_WORLD_SIZE", world)
-    if world % local_world:
-        raise AutoparError(f"WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={local_world}; "
-                           "launch the same number of processes on every node")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    rt = runtime_from_env()
+    world, rank, device = rt.world_size, rt.rank, rt.device
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     if dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
-    return Runtime(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
-                   device=device)
+    return replace(rt, rank=rank, world_size=world)
 
 
-def _cuda_device_spec(device: torch.device) -> DeviceSpec:
+def cuda_device_spec(device: torch.device) -> DeviceSpec:
     """A preset's speeds for a known GPU, with the memory this device really has."""
     props = torch.cuda.get_device_properties(device)
     name = props.name.upper()
@@ -84,26 +80,25 @@ def _cuda_device_spec(device: torch.device) -> DeviceSpec:
     return replace(PRESETS["a100-80gb"].device, name=props.name, memory_bytes=float(props.total_memory))
 
 
-def runtime_cluster(rt: Runtime, cluster: str | None = None, headroom: float = 0.0) -> ClusterSpec:
+def executor_launch(rt: Runtime, *, cluster: str | None = None, memory_headroom: float = DEFAULT_MEMORY_HEADROOM,
+                    dtype_bytes: int = 2, precision=None, model_type: str | None = None) -> Launch:
+    """The launch this job is ([Note: explain = run] in autopar/launch.py): its world, its processes per
+    node, the ``cluster`` option or else the detected device, and where the kernels run."""
+    device = cuda_device_spec(rt.device) if cluster is None and rt.device.type == "cuda" else None
+    return Launch(world_size=rt.world_size, ranks_per_node=rt.local_world_size, cluster=cluster, device=device,
+                  device_type=rt.device.type, memory_headroom=memory_headroom, dtype_bytes=dtype_bytes,
+                  precision=None if precision is None else Precision(precision), model_type=model_type)
+
+
+def runtime_cluster(rt: Runtime, cluster: str | None = None,
+                    headroom: float = DEFAULT_MEMORY_HEADROOM) -> ClusterSpec:
     """The cluster this job runs on (or the one named by the ``cluster`` option), less ``headroom``."""
-    if cluster is not None:
-        base = load_cluster(cluster).with_gpus(rt.world_size, gpus_per_node=rt.local_world_size)
-    elif rt.device.type == "cuda":
-        spec = PRESETS["h100-80gb"]
-        base = replace(spec, name="detected", device=_cuda_device_spec(rt.device), nodes=rt.nodes,
-                       gpus_per_node=rt.local_world_size)
-    else:
-        host = cpu_cluster()
-        host_bytes = host.device.memory_bytes * host.gpus_per_node
-        device = replace(host.device, memory_bytes=host_bytes / rt.local_world_size)
-        base = replace(host, device=device, nodes=rt.nodes, gpus_per_node=rt.local_world_size)
-    device = replace(base.device, memory_bytes=base.device.memory_bytes * (1.0 - headroom))
-    return replace(base, device=device)
+    return launch_cluster(executor_launch(rt, cluster=cluster, memory_headroom=headroom))[0]
 
 
 def node_of_every_rank(rt: Runtime) -> list[int]:
     """Node index of every rank (torchrun's ``GROUP_RANK``), gathered on every rank."""
-    mine = _env_int("GROUP_RANK", rt.rank // rt.local_world_size)
+    mine = env_int(os.environ, "GROUP_RANK", rt.rank // rt.local_world_size)
     if not rt.distributed:
         return [mine]
     nodes: list = [None] * rt.world_size

@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from autopar.errors import AutoparError
 from autopar.execute.gradients import local
+from autopar.execute.vocab_parallel import VocabShards
 
 IGNORE_INDEX = -100
 """Label value transformers' causal-LM loss (and autopar's token count) skips."""
@@ -127,9 +128,11 @@ def gather_rows(local: torch.Tensor, group, size: int, rank: int) -> torch.Tenso
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum over real tokens of next-token cross entropy, as transformers' ForCausalLMLoss computes it."""
-    vocab = logits.shape[-1]
-    return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), labels[:, 1:].reshape(-1),
+    """Sum over real tokens of next-token cross entropy, as transformers' ForCausalLMLoss computes it (the
+    labels shifted left and padded with -100, so every position's logits are used as they are: ``logits``
+    may be a vocab-sharded DTensor under ``loss_parallel()``, [Note: vocab-parallel embedding and loss])."""
+    targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                              ignore_index=IGNORE_INDEX, reduction="sum")
 
 
@@ -145,9 +148,14 @@ class StepLoss:
     (labels != -100).sum()``.
     """
 
-    def __init__(self, user_fn: Callable | None = None):
+    def __init__(self, user_fn: Callable | None = None, vocab: VocabShards | None = None):
         self.user_fn = user_fn
+        self.vocab = vocab
+        """Set under tensor parallelism: the logits arrive as this TP rank's vocabulary columns."""
         self.n_tokens = 1
+        self.columns: int | None = None
+        """The call's sequence length, where the step padded the sequence (sequence parallelism): a user
+        ``loss_fn`` sees the logits and labels cut back to it."""
         self.skip = False
         """Evaluation without labels: the schedule still calls its loss (with a placeholder target)."""
 
@@ -160,7 +168,13 @@ class StepLoss:
         if self.skip:
             return logits.new_zeros(())
         if self.user_fn is None:
+            if self.vocab is not None:  # loss parallel: the caller runs forward and backward under loss_parallel()
+                return token_loss_sum(self.vocab.dtensor(logits), labels).to_local() / max(self.n_tokens, 1)
             return token_loss_sum(logits, labels) / max(self.n_tokens, 1)
+        if self.vocab is not None:  # the user's loss sees whole logits, as on one device
+            logits = self.vocab.gather(logits)
+        if self.columns is not None:
+            logits, labels = logits[:, :self.columns], labels[:, :self.columns]
         total = self.user_fn(logits, labels)
         if not isinstance(total, torch.Tensor) or total.dim() != 0:
             shape = tuple(total.shape) if isinstance(total, torch.Tensor) else type(total).__name__

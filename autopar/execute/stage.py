@@ -35,21 +35,22 @@ class StageModule(nn.Module):
         object.__setattr__(self, "_model", model)  # not registered: it owns more than this chunk
         base = getattr(model, family.base)
         if self.is_first:
-            self.embed_parts = nn.ModuleList(
-                [base.wte, base.wpe, base.drop] if family.name == "gpt2" else [base.embed_tokens])
+            self.embed_parts = nn.ModuleList([getattr(base, a) for a in family.first_attrs()])
         self.blocks = nn.ModuleDict(blocks)
+        self._indices = [int(k) for k in blocks]
         if self.is_last:
             self.norm = family.final_norm(model)
-            self.lm_head = model.lm_head
+            self.lm_head = family.head(model)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor):
         family: Family = self._family
+        config = self._model.config
         hidden = family.embed(self._model, x) if self.is_first else x
         keep = mask.to(torch.long)  # the dtype a user passes: transformers builds the same mask
         if len(self.blocks):
-            ctx = family.block_context(self._model, hidden, keep)
-            for block in self.blocks.values():
-                hidden = family.run_block(block, hidden, ctx)
+            ctx = family.block_context(self._model, hidden, keep, self._indices)
+            for index, block in zip(self._indices, self.blocks.values()):
+                hidden = family.run_block(block, index, hidden, ctx, config)
         if not self.is_last:
             return hidden, mask.to(hidden.dtype)
-        return self.lm_head(self.norm(hidden))
+        return family.logits(self._model, hidden)

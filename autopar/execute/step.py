@@ -34,8 +34,9 @@ import torch
 import torch.distributed as dist
 
 from autopar.errors import AutoparError, TokenIdError
+from autopar.cost.data_parallel import executed_zero_stage
 from autopar.execute import compat
-from autopar.execute.batch import Batch, agree_batch, pad_rows, rank_aware_loader
+from autopar.execute.batch import Batch, agree_batch, pad_columns, pad_rows, rank_aware_loader
 from autopar.execute.build import Layout
 from autopar.execute.gradients import local
 from autopar.execute.runtime import Runtime
@@ -46,7 +47,8 @@ from autopar.execute.semantics import (
     loss_with_backward,
     trainable,
 )
-from autopar.plan.types import Plan, Schedule
+from autopar.execute.vocab_parallel import VocabShards, loss_parallel
+from autopar.plan.types import MeshAxis, Plan, Precision, Schedule, schedule_accepts
 
 log = logging.getLogger("autopar")
 
@@ -54,18 +56,21 @@ _STEP_KWARGS = compat.schedule_step_kwargs()
 
 
 def _micro_batching(plan: Plan, per_dp: int) -> tuple[int, int]:
-    """(micro-batch size, count) for ``per_dp`` sequences: the planned size if it divides, else the largest
-    divisor below it that still gives a pipeline at least ``pp`` micro-batches."""
+    """(micro-batch size, count) for ``per_dp`` sequences: the planned size if it divides (the planned batch
+    runs exactly the plan), else the largest divisor below it whose count the plan's schedule takes."""
     divisors = [d for d in range(1, min(plan.micro_batch_size, per_dp) + 1) if per_dp % d == 0]
-    enough = [d for d in divisors if per_dp // d >= plan.pp or plan.pp == 1]
-    size = max(enough or divisors)
+    valid = [d for d in divisors if schedule_accepts(plan.schedule, plan.pp, per_dp // d)]
+    size = max(valid or divisors)
     return size, per_dp // size
 
 
 def padded_rows(plan: Plan, rows: int) -> int:
-    """The fewest rows >= ``rows`` the layout can take: a multiple of dp giving each pipeline >= pp rows."""
+    """The fewest rows >= ``rows`` the layout can take: a multiple of dp giving each pipeline a micro-batch
+    count its schedule takes (1F1B: at least pp)."""
     need = -(-rows // plan.dp) * plan.dp
-    return max(need, plan.dp * plan.pp) if plan.pp > 1 else need
+    if plan.pp > 1 and not schedule_accepts(plan.schedule, plan.pp, need // plan.dp):
+        need = max(need, plan.dp * plan.pp)
+    return need
 
 
 class ParallelRuntime:
@@ -73,7 +78,8 @@ class ParallelRuntime:
 
     def __init__(self, *, model, family, plan: Plan, layout: Layout, rt: Runtime, stages: dict,
                  options, model_flops_per_token: float, tie_group=None, tied_param=None,
-                 converted: frozenset = frozenset(), shard_grads: list | None = None, dropout=None):
+                 converted: frozenset = frozenset(), shard_grads: list | None = None,
+                 tp_sum_grads: list | None = None, dropout=None):
         self.model = model
         self.family = family
         self.plan = plan
@@ -87,10 +93,13 @@ class ParallelRuntime:
         self.converted = converted
         """Modules (GPT-2 Conv1D) run as nn.Linear under TP: their tensors are stored transposed."""
         self.shard_grads = shard_grads or []
-        """Parameters whose gradient arrives replicated and is cut to the parameter's shard after backward."""
+        """Parameters whose gradient arrives in another placement than theirs (the sequence-parallel norms'
+        ``Partial``): redistributed to the parameter's after backward."""
+        self.tp_sum_grads = tp_sum_grads or []
+        """Replicated parameters whose gradient covers this TP rank's heads only: summed over TP after backward."""
         self.dropout = dropout
         """autopar.execute.rng.DropoutStream when the model has dropout > 0, else None."""
-        self.loss_fn = StepLoss(getattr(options, "loss_fn", None))
+        self.loss_fn = StepLoss(getattr(options, "loss_fn", None), vocab=self._vocab_shards())
         self._anchor = torch.zeros((), requires_grad=True)
         self._schedules: dict[tuple[int, int, int], object] = {}
         self._shape: tuple[int, int] | None = None
@@ -101,6 +110,17 @@ class ParallelRuntime:
         self._intervals = 0
         self._said: set[str] = set()
         self._loader: str | None = None
+
+    def _vocab_shards(self) -> VocabShards | None:
+        """Under TP the last stage returns this rank's vocabulary columns of the logits
+        ([Note: vocab-parallel embedding and loss])."""
+        if self.plan.tp == 1 or self.family is None:
+            return None
+        return VocabShards(self.layout.sub(MeshAxis.TP), self.model.config.vocab_size)
+
+    def _whole_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The last stage's logits with the whole vocabulary (gathered over TP where they are split)."""
+        return logits if self.loss_fn.vocab is None else self.loss_fn.vocab.gather(logits)
 
     def params(self) -> list[torch.nn.Parameter]:
         """This rank's trainable parameters (read at call time: FSDP2 and loading replace objects)."""
@@ -166,7 +186,7 @@ class ParallelRuntime:
         n = self.num_microbatches
         key = (n, self.micro_batch_size, self._shape[1])  # a stage infers its shapes once: one per shape
         if key not in self._schedules:
-            pp_group = self.layout.sub("pp").get_group()
+            pp_group = self.layout.sub(MeshAxis.PP).get_group()
             total = self.layout.num_chunks
             pstages = [PipelineStage(self.stages[c], c, total, self.rt.device, group=pp_group)
                        for c in sorted(self.stages)]
@@ -211,6 +231,10 @@ class ParallelRuntime:
         pad = self._refine(rows, seq)
         mask = batch.mask if batch.mask is not None else torch.ones_like(batch.ids)
         ids, mask, labels = pad_rows(batch.ids, mask, batch.labels, pad)
+        # a sequence-parallel layout splits the sequence over tp: pad it to a multiple ([Note: sequence parallelism])
+        columns = -seq % self.plan.tp if self.plan.sequence_parallel else 0
+        ids, mask, labels = pad_columns(ids, mask, labels, columns)
+        self.loss_fn.columns = seq if columns else None
         per_dp = ids.shape[0] // self.plan.dp
         mine = slice(self.layout.dp_rank * per_dp, (self.layout.dp_rank + 1) * per_dp)
         labels_l = labels[mine] if labels is not None else None
@@ -223,10 +247,10 @@ class ParallelRuntime:
             return CausalLMOutputWithPast(loss=loss_with_backward(loss, pending, self._anchor))
         if torch.is_grad_enabled() and (self.plan.pp == 1 or self.model.training):
             logits = self._logits_with_graph(ids[mine], mask[mine], batch)
-            return CausalLMOutputWithPast(logits=logits[:rows])
+            return CausalLMOutputWithPast(logits=logits[:rows, :seq])
         with torch.no_grad():
             loss, logits = self._evaluate(ids[mine], mask[mine], labels_l)
-        logits = logits[:rows] if batch.own_rows is None else logits[batch.own_rows]
+        logits = logits[:rows, :seq] if batch.own_rows is None else logits[batch.own_rows, :seq]
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def _check_token_ids(self, ids: torch.Tensor) -> None:
@@ -265,8 +289,8 @@ class ParallelRuntime:
                        "enable_advanced_parallelization(own_loss=True) so the layout is planned for it")
         self._shard_grads_after_backward()
         with self._random():
-            logits = self.stages[0](ids, mask)
-        return gather_rows(logits, self.layout.sub("dp").get_group() if self.plan.dp > 1 else None, self.plan.dp,
+            logits = self._whole_logits(self.stages[0](ids, mask))
+        return gather_rows(logits, self.layout.sub(MeshAxis.DP).get_group() if self.plan.dp > 1 else None, self.plan.dp,
                            self.layout.dp_rank)
 
     def _shard_grads_after_backward(self) -> None:
@@ -274,6 +298,13 @@ class ParallelRuntime:
         if "shard_hooks" in self._said:
             return
         self._said.add("shard_hooks")
+        if self.tp_sum_grads and self.plan.dp > 1:
+            raise AutoparError("logits with a graph (your own loss) under tensor x data parallel for a family with "
+                               "per-head norms (Qwen3, Gemma 3): FSDP2 hands their gradients over outside autograd, "
+                               "so autopar cannot sum them over the TP group; pass labels= with loss_fn=, or tp=1")
+        for param in self.tp_sum_grads:
+            param.register_post_accumulate_grad_hook(
+                lambda p: dist.all_reduce(local(p.grad), group=self.layout.sub(MeshAxis.TP).get_group()))
         for param in self.shard_grads:
             param.register_post_accumulate_grad_hook(
                 lambda p: setattr(p, "grad", p.grad.redistribute(placements=p.placements))
@@ -284,14 +315,26 @@ class ParallelRuntime:
         return zip(*(t.split(size) for t in tensors))
 
     def _train(self, ids, mask, labels) -> torch.Tensor:
+        with loss_parallel(self.loss_fn.vocab):  # forward and backward of a vocab-sharded loss
+            total, holds_loss = self._forward_backward(ids, mask, labels)
+        self._shard_grads()
+        self._sum_tp_grads()
+        self._sync_tied_grads()
+        return self._global_loss(total, holds_loss)
+
+    def _forward_backward(self, ids, mask, labels) -> tuple[torch.Tensor, bool]:
+        """Every micro-batch's forward and backward: (this rank's sum of losses, whether it holds any)."""
         total = torch.zeros((), dtype=torch.float32, device=self.rt.device)
         holds_loss = (self.layout.num_chunks - 1) in self.stages
         if self.plan.pp == 1:
             stage = self.stages[0]
             fsdp = hasattr(stage, "set_requires_gradient_sync")
+            # autopar/cost/data_parallel.py [Note: ZeRO stages as run]: FSDP2 (ZeRO 2, 3) reduce-scatters every
+            # micro-batch, so gradients stay sharded; replicate (ZeRO 0) all-reduces once, with the last.
+            sync_every = executed_zero_stage(self.plan) >= 2
             for m, (i, k, y) in enumerate(self._chunks(ids, mask, labels)):
                 if fsdp:
-                    stage.set_requires_gradient_sync(m == self.num_microbatches - 1)
+                    stage.set_requires_gradient_sync(sync_every or m == self.num_microbatches - 1)
                 loss = self.loss_fn(stage(i, k), y)
                 loss.backward()
                 total += loss.detach()
@@ -302,16 +345,20 @@ class ParallelRuntime:
             self._schedule().step(ids, mask, target=labels, losses=losses, **_STEP_KWARGS)
             if holds_loss:
                 total += torch.stack([x.detach().float() for x in losses]).sum()
-        self._shard_grads()
-        self._sync_tied_grads()
-        return self._global_loss(total, holds_loss)
+        return total, holds_loss
 
     def _shard_grads(self) -> None:
-        """Keep only this rank's rows of a gradient DTensor returned replicated (a local slice, no
-        communication); done after the whole backward, whichever way the schedule accumulated it."""
+        """Bring a gradient DTensor that arrives in another placement to the parameter's (the sequence-parallel
+        norms' ``Partial`` gradients: an all-reduce over TP); done after the whole backward, whichever way the
+        schedule accumulated it."""
         for param in self.shard_grads:
             if param.grad is not None and param.grad.placements != param.placements:
                 param.grad = param.grad.redistribute(placements=param.placements)
+
+    def _sum_tp_grads(self) -> None:
+        for param in self.tp_sum_grads:
+            if param.grad is not None:
+                dist.all_reduce(local(param.grad), group=self.layout.sub(MeshAxis.TP).get_group())
 
     def _global_loss(self, mine: torch.Tensor, holds_loss: bool) -> torch.Tensor:
         """Sum of every piece's share over the data-parallel ranks, once per (dp) slice, on every rank."""
@@ -333,6 +380,10 @@ class ParallelRuntime:
 
     def _evaluate(self, ids, mask, labels):
         """Forward only: (global loss or None, logits of the global batch on every rank)."""
+        with loss_parallel(self.loss_fn.vocab):
+            return self._evaluate_chunks(ids, mask, labels)
+
+    def _evaluate_chunks(self, ids, mask, labels):
         holds_loss = (self.layout.num_chunks - 1) in self.stages
         total = torch.zeros((), dtype=torch.float32, device=self.rt.device)
         if self.plan.pp == 1:
@@ -341,7 +392,7 @@ class ParallelRuntime:
                 logits = self.stages[0](i, k)
                 if labels is not None:
                     total += self.loss_fn(logits, y[0])
-                outs.append(logits)
+                outs.append(self._whole_logits(logits))
             logits = torch.cat(outs)
         else:
             losses: list = []
@@ -350,7 +401,7 @@ class ParallelRuntime:
                 out = self._schedule().eval(ids, mask, target=ids if labels is None else labels, losses=losses)
             finally:
                 self.loss_fn.skip = False
-            logits = out if holds_loss else None
+            logits = self._whole_logits(out) if holds_loss else None
             if holds_loss and labels is not None:
                 total += torch.stack([x.float() for x in losses]).sum()
             logits = self._from_last_stage(logits, ids)
@@ -363,7 +414,7 @@ class ParallelRuntime:
 
     def _from_last_stage(self, logits, ids):
         """Broadcast the last stage's logits to every pipeline rank."""
-        pp_group = self.layout.sub("pp").get_group()
+        pp_group = self.layout.sub(MeshAxis.PP).get_group()
         src = dist.get_global_rank(pp_group, self.plan.pp - 1)
         if logits is None:
             logits = torch.empty(self._logits_shape(ids), dtype=self._dtype(), device=self.rt.device)
@@ -372,10 +423,13 @@ class ParallelRuntime:
         return logits
 
     def _dtype(self) -> torch.dtype:
+        """The logits' dtype: the compute dtype (bf16 under bf16_mixed, whose parameters are fp32)."""
+        if self.plan.precision is Precision.BF16_MIXED:
+            return torch.bfloat16
         return next(p.dtype for p in self.model.parameters())
 
     def _gather_dp(self, logits):
-        group = self.layout.sub("dp").get_group() if self.plan.dp > 1 else None
+        group = self.layout.sub(MeshAxis.DP).get_group() if self.plan.dp > 1 else None
         return gather_rows(logits, group, self.plan.dp, self.layout.dp_rank)
 
     # --- statistics ----------------------------------------------------------------------

@@ -11,6 +11,8 @@ the fix, never silently doing something else:
   pass ``dtype=`` to ``from_pretrained`` / ``from_config`` instead.
 * ``gradient_checkpointing_enable()``: works when the plan already recomputes whole blocks
   (``recompute="full"``); otherwise refused, naming the option, since recomputation is part of the plan.
+* ``generate()`` and ``resize_token_embeddings()``: refused with the fix (generate from a saved
+  checkpoint in a plain process; resize before autopar plans).
 """
 
 from __future__ import annotations
@@ -67,7 +69,23 @@ def _guard_checkpointing(model: nn.Module, recompute: Recompute) -> None:
     model.gradient_checkpointing_disable = gradient_checkpointing_disable
 
 
+def _refuse_reshaping(model: nn.Module) -> None:
+    def generate(*_, **__):
+        raise AutoparError("model.generate() on a model autopar split for training (its stages and shards run one "
+                           "training step per call); save_pretrained(...) on every rank, then load the checkpoint in "
+                           "a plain process (or a serving engine) to generate")
+
+    def resize_token_embeddings(*_, **__):
+        raise AutoparError("model.resize_token_embeddings() after autopar planned and split the model for its "
+                           "vocabulary: resize in a plain process and save_pretrained, then load that checkpoint "
+                           "under autopar (or build from a config with the new vocab_size)")
+
+    model.generate = generate
+    model.resize_token_embeddings = resize_token_embeddings
+
+
 def guard(model: nn.Module, device: torch.device, recompute: Recompute) -> None:
     """Replace the instance methods above (see the module docstring)."""
     _guard_to(model, device)
     _guard_checkpointing(model, recompute)
+    _refuse_reshaping(model)

@@ -33,6 +33,7 @@ import re
 import struct
 import sys
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -54,6 +55,23 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), (
 
 Box = list[tuple[int, int]]
 """Per dimension of a stored tensor, the half-open index range ``(lo, hi)``."""
+
+
+@runtime_checkable
+class WeightSource(Protocol):
+    """Where a rank's tensors come from (``autopar.execute.build.fill_from`` reads it).
+
+    A random-access source answers ``info`` / ``read`` (a box of a stored tensor straight into a local
+    tensor) and ``get`` (a whole tensor); :class:`StateDictSource` and :class:`SafetensorsSource` are
+    ones. A streaming source (:class:`InitSource`) instead yields each tensor once, whole, from
+    ``stream()`` and names parameters by ``canonical(name)``.
+    """
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype | None]: ...
+
+    def read(self, name: str, box: Box, dest: torch.Tensor) -> None: ...
 
 
 class StateDictSource:
@@ -669,7 +687,7 @@ def stored_layout(family, name: str, tp: int, converted: bool, ndim: int):
     executed dimension ``d`` is a permutation ``fn(arange(n))`` (executed index ->
     stored index) of its stored one, else None."""
     axes = tuple(range(ndim))
-    if family is None or family.name != "gpt2" or not converted:
+    if family is None or not family.stored_transposed(converted):
         return axes, None
     from autopar.execute.families import reorder_qkv
 

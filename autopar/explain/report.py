@@ -9,6 +9,7 @@ import math
 import re
 
 from autopar.cluster import ClusterSpec
+from autopar.launch import Planning
 from autopar.plan.search import SearchResult
 from autopar.profile.types import ModelProfile
 from autopar.schema import escape_text
@@ -58,7 +59,28 @@ def _text(value: str) -> str:
     return escape(escape_text(value))
 
 
-def result_dict(result: SearchResult, profile: ModelProfile, cluster: ClusterSpec) -> dict:
+def _headroom_text(planning: Planning) -> str:
+    """``80.0 GiB per device less 10% headroom = 72.0 GiB planned``."""
+    usable = planning.device_memory_bytes * (1.0 - planning.memory_headroom)
+    return (f"{planning.device_memory_bytes / GIB:.1f} GiB per device less {planning.memory_headroom:.0%} "
+            f"headroom = {usable / GIB:.1f} GiB planned")
+
+
+def _launch_dict(cluster: ClusterSpec, planning: Planning | None) -> dict:
+    """The cluster as planned: device memory before and after the headroom ([Note: explain = run])."""
+    memory = planning.device_memory_bytes if planning else cluster.device.memory_bytes
+    out = {"name": cluster.name, "nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node,
+           "device": cluster.device.name, "peak_flops_per_s": cluster.device.peak_flops_per_s,
+           "memory_bytes": memory, "memory_headroom": planning.memory_headroom if planning else 0.0,
+           "planned_memory_bytes": cluster.device.memory_bytes, "calibration": cluster.calibration or None}
+    if planning:
+        out.update(dtype_bytes=planning.dtype_bytes, kernels=planning.device_type,
+                   data_parallel_only=planning.split_refusal)
+    return out
+
+
+def result_dict(result: SearchResult, profile: ModelProfile, cluster: ClusterSpec,
+                planning: Planning | None = None, not_priced: list[str] | tuple[str, ...] = ()) -> dict:
     """The `explain --json` object; a non-finite number (none is expected) becomes null."""
     best = result.best
     plan = best.plan.to_dict()
@@ -69,13 +91,13 @@ def result_dict(result: SearchResult, profile: ModelProfile, cluster: ClusterSpe
         "model": {"name": profile.name, "architecture": profile.architecture, "params": profile.num_params,
                   "layers": profile.num_layers, "hidden_size": profile.hidden_size, "seq_len": profile.seq_len,
                   "profile_source": profile.source},
-        "cluster": {"name": cluster.name, "nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node,
-                    "device": cluster.device.name, "peak_flops_per_s": cluster.device.peak_flops_per_s,
-                    "memory_bytes": cluster.device.memory_bytes},
+        "cluster": _launch_dict(cluster, planning),
         "plan": plan,
         "plan_digest": best.plan.digest(),
         "predicted": cost.to_dict(),
         "search": result.search_dict(),
+        "choice": result.choice_dict(),
+        "not_priced": list(not_priced),
         "alternatives": [
             {"dimension": a.dimension, "value": a.value, "layout": a.evaluated.plan.describe(),
              "plan": a.evaluated.plan.to_dict(), "step_time_s": a.evaluated.cost.step_time_s,
@@ -90,7 +112,8 @@ def _fmt_s(seconds: float) -> str:
     return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
-def render(result: SearchResult, profile: ModelProfile, cluster: ClusterSpec, console) -> None:
+def render(result: SearchResult, profile: ModelProfile, cluster: ClusterSpec, console,
+           planning: Planning | None = None, not_priced: list[str] | tuple[str, ...] = ()) -> None:
     """Print the plan, its predicted cost, its stages and the alternatives."""
     from rich.table import Table
 
@@ -100,11 +123,27 @@ def render(result: SearchResult, profile: ModelProfile, cluster: ClusterSpec, co
         f"[bold]{_text(profile.name)}[/] ({profile.num_params / 1e9:.2f} B params, {profile.num_layers} layers) "
         f"on {cluster.world_size} x {_text(cluster.device.name)} ({cluster.nodes} node(s) x {cluster.gpus_per_node}); "
         f"global batch {plan.global_batch_size} x {plan.seq_len} tokens")
+    if planning is not None:
+        console.print(f"[bold]memory[/] {_headroom_text(planning)}; {planning.dtype_bytes}-byte compute, "
+                      f"{planning.device_type} kernels")
+        if planning.split_refusal:
+            console.print(f"[yellow]data parallel only[/] (tp=1, pp=1): {_text(planning.split_refusal)}")
+    if cluster.calibration:
+        console.print(f"[bold]measured[/] {_text(cluster.calibration)}")
+    for line in not_priced:  # autopar.plan.unpriced: never priced as something else
+        console.print(f"[yellow]not priced[/] {_text(line)}")
     status = "[green]fits[/]" if cost.fits else f"[red]DOES NOT FIT: {cost.over_bytes / GIB:.1f} GiB over[/]"
     console.print(f"[bold]plan[/] {plan.describe()}  ({status})")
     console.print(
         f"[bold]predicted[/] step {_fmt_s(cost.step_time_s)}, {cost.tokens_per_s:,.0f} tokens/s, "
         f"{cost.model_tflops_per_gpu:.0f} TFLOP/s per GPU, MFU {cost.mfu:.1%}")
+    if result.choice_reason:
+        console.print(f"[bold]robust choice[/] {_text(result.choice_reason)}")
+    for risk in result.risks:  # no plan inside the model's error has fewer risks
+        console.print(f"[red]risk[/] this plan {_text(risk)}; no plan predicted inside the model's error avoids "
+                      "it")
+    if result.reliance:
+        console.print(f"[yellow]relies on[/] this plan {_text(result.reliance)}")
     console.print(_breakdown_table(cost, Table))
     console.print(_stage_table(best, Table))
     if result.alternatives:
@@ -121,7 +160,8 @@ def _breakdown_table(cost, Table):
     table.add_column("term")
     table.add_column("time", justify="right")
     table.add_column("share", justify="right")
-    for name, value in cost.breakdown().items():
+    extras = {k: v for k, v in cost.extras.items() if k.endswith("_s") and isinstance(v, float)}
+    for name, value in {**cost.breakdown(), **extras}.items():  # sharing_s: [Note: ranks sharing a device]
         table.add_row(name.removesuffix("_s").replace("_", " "), _fmt_s(value), f"{value / cost.step_time_s:.1%}")
     table.add_row("[bold]step[/]", f"[bold]{_fmt_s(cost.step_time_s)}[/]", "100%")
     return table

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
-from autopar.cluster import ClusterSpec, load_cluster
+from autopar.cluster import DEFAULT_CLUSTER, ClusterSpec
 from autopar.errors import AutoparError
-from autopar.plan.types import Pins, Schedule
+from autopar.launch import DEFAULT_MEMORY_HEADROOM, Launch, Planning, launch_cluster
+from autopar.plan.types import Pins, Precision, Schedule
 from autopar.profile.config import ArchConfig, load_arch
 from autopar.profile.types import ModelProfile, Recompute
 from autopar.schema import escape_text
@@ -39,17 +41,21 @@ def resolve_seq_len(arch: ArchConfig, seq_len: int | None) -> int:
     return seq_len
 
 
-def profile_model(arch: ArchConfig, seq_len: int, profiler: str, attention: str) -> ModelProfile:
-    """The analytic profile (no torch), or the meta-device one (builds the HF model)."""
+def profile_model(arch: ArchConfig, seq_len: int, profiler: str, attention: str,
+                  planning: Planning | None = None) -> ModelProfile:
+    """The analytic profile (no torch), or the meta-device one (builds the HF model), at the launch's
+    precision and for its kernels (``planning``; default bf16 on CUDA)."""
+    dtype_bytes = planning.dtype_bytes if planning else 2
     if profiler == "meta":
         print(f"profiling {escape_text(arch.name)} on the meta device (imports torch and transformers)...",
               file=sys.stderr)
         from autopar.profile.meta import profile_meta
 
-        return profile_meta(arch, seq_len=seq_len, attention=attention)
+        return profile_meta(arch, seq_len=seq_len, dtype_bytes=dtype_bytes, attention=attention)
     from autopar.profile.analytic import profile_analytic
 
-    return profile_analytic(arch, seq_len=seq_len, attention=attention)
+    return profile_analytic(arch, seq_len=seq_len, dtype_bytes=dtype_bytes, attention=attention,
+                            device_type=planning.device_type if planning else "cuda")
 
 
 def make_pins(tp=None, pp=None, dp=None, micro_batch=None, virtual_stages=None, schedule=None,
@@ -60,35 +66,61 @@ def make_pins(tp=None, pp=None, dp=None, micro_batch=None, virtual_stages=None, 
                 zero_stage=zero, sequence_parallel=sequence_parallel, tp_inter_node=tp_across_nodes)
 
 
-def resolve_cluster(cluster: str | None, gpus: int | None, nodes: int | None,
-                    gpus_per_node: int | None) -> ClusterSpec:
+def explain_launch(*, model_type: str | None, cluster: str | None = None, gpus: int | None = None,
+                   nodes: int | None = None, gpus_per_node: int | None = None, memory_headroom: float | None = None,
+                   precision: Precision | None = None, from_env: bool = False) -> Launch:
+    """The launch explain plans for ([Note: explain = run] in autopar/launch.py): the flags, or with
+    ``from_env`` torchrun's environment read by the executor's own functions (imports torch to detect
+    the device, as the executor does)."""
     for flag, value in (("--gpus", gpus), ("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
         _positive(flag, value)
-    return load_cluster(cluster).with_gpus(gpus, nodes, gpus_per_node)
+    headroom = DEFAULT_MEMORY_HEADROOM if memory_headroom is None else memory_headroom
+    precision = None if precision is None else Precision(precision)
+    if not from_env:
+        return Launch(world_size=gpus, nodes=nodes, ranks_per_node=gpus_per_node, cluster=cluster or DEFAULT_CLUSTER,
+                      memory_headroom=headroom, precision=precision, model_type=model_type)
+    if (gpus, nodes, gpus_per_node) != (None, None, None):
+        raise AutoparError("--from-env takes the world from torchrun's WORLD_SIZE and LOCAL_WORLD_SIZE; "
+                           "drop --gpus, --nodes and --gpus-per-node (or drop --from-env)")
+    if "WORLD_SIZE" not in os.environ:
+        print("--from-env: WORLD_SIZE is not set; planning a world of one process, as the executor does under "
+              "plain python", file=sys.stderr)
+    from autopar.execute.runtime import executor_launch, runtime_from_env
+
+    return executor_launch(runtime_from_env(os.environ), cluster=cluster, memory_headroom=headroom,
+                           precision=precision, model_type=model_type)
 
 
 def run_explain(*, model: str, cluster: str | None, gpus: int | None, nodes: int | None,
                 gpus_per_node: int | None, global_batch: int | None, seq_len: int | None, profiler,
                 attention, json_out: bool, plot: Path | None, alternatives: bool, split_solver: str = "auto",
-                measure: bool = False, **pin_args) -> None:
+                measure: bool = False, memory_headroom: float | None = None, precision: str | None = None,
+                from_env: bool = False, **pin_args) -> None:
     from autopar.plan.search import search
 
     arch = load_arch(model)
-    spec = resolve_cluster(cluster, gpus, nodes, gpus_per_node)
+    launch = explain_launch(model_type=arch.model_type, cluster=cluster, gpus=gpus, nodes=nodes,
+                            gpus_per_node=gpus_per_node, memory_headroom=memory_headroom, precision=precision,
+                            from_env=from_env)
+    spec, planning = launch_cluster(launch, make_pins(**pin_args))
     seq = resolve_seq_len(arch, seq_len)
     _positive("--global-batch", global_batch)
     batch = global_batch or DEFAULT_SEQUENCES_PER_GPU * spec.world_size
-    profile = profile_model(arch, seq, getattr(profiler, "value", profiler), getattr(attention, "value", attention))
-    pins = make_pins(**pin_args)
+    profile = profile_model(arch, seq, getattr(profiler, "value", profiler), getattr(attention, "value", attention),
+                            planning)
+    pins = planning.pins
     opts = measured_options(arch, profile, spec, pins) if measure else None
     result = search(profile, spec, global_batch_size=batch, pins=pins, alternatives=alternatives,
-                    split_solver=split_solver, opts=opts)
+                    split_solver=split_solver, opts=opts, progress=sys.stderr.isatty())
     if plot is not None:
         check_plot_size(result.best.plan)
+    from autopar.plan.unpriced import unpriced_features
+
+    not_priced = unpriced_features(arch.raw)
     if json_out:
         from autopar.explain.report import result_dict
 
-        print(json.dumps(result_dict(result, profile, spec), allow_nan=False))
+        print(json.dumps(result_dict(result, profile, spec, planning, not_priced), allow_nan=False))
     else:
         from rich.console import Console
 
@@ -97,7 +129,7 @@ def run_explain(*, model: str, cluster: str | None, gpus: int | None, nodes: int
         console = Console()
         if not console.is_terminal:  # piped or captured: wide enough for the tables
             console = Console(width=MIN_REPORT_WIDTH)
-        render(result, profile, spec, console)
+        render(result, profile, spec, console, planning, not_priced)
     if plot is not None:
         path = write_plot(plot, result.best, profile, spec, opts)
         print(f"wrote {path}", file=sys.stderr)

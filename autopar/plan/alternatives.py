@@ -7,6 +7,8 @@ best layout with another value and the term that made it lose.
 
 from __future__ import annotations
 
+from autopar.cost import constants as C
+from autopar.plan.robust import judge, losing_risk
 from autopar.plan.search import Alternative, Evaluated, Planner, scan_candidates
 from autopar.plan.space import Candidate
 
@@ -30,8 +32,9 @@ _TERM_LABELS = {"compute_s": "compute", "tp_comm_s": "TP communication", "pp_com
                 "optimizer_s": "optimizer step"}
 
 
-def explain_loss(alt: Evaluated, best: Evaluated) -> str:
-    """Why ``alt`` lost to ``best``, in one phrase."""
+def explain_loss(alt: Evaluated, best: Evaluated, planner: Planner | None = None) -> str:
+    """Why ``alt`` lost to ``best``, in one phrase; with ``planner``, a faster ``alt`` (inside the model's error)
+    is told by the robust choice's rule (autopar.plan.robust [Note: robust choice])."""
     gib = 1024**3
     if not alt.cost.fits:
         worst = max(alt.cost.stages, key=lambda s: s.peak_bytes)
@@ -42,14 +45,20 @@ def explain_loss(alt: Evaluated, best: Evaluated) -> str:
     ratio = alt.cost.step_time_s / best.cost.step_time_s
     share = a[term] / alt.cost.step_time_s
     if ratio <= 1.0 + 1e-9:
-        return f"as fast ({ratio:.3f}x); the tie goes to the earlier layout in the fixed order"
+        chosen, other = (judge(planner, best), judge(planner, alt)) if planner is not None else (None, None)
+        if chosen is None or chosen.key()[:3] == other.key()[:3]:
+            return f"as fast ({ratio:.3f}x); the tie goes to the earlier layout in the fixed order"
+        lead = (f"predicted {1 - ratio:.1%} faster, inside the model's {C.MODEL_ERROR:.0%} error"
+                if ratio < 1.0 - 1e-9 else f"as fast ({ratio:.3f}x)")
+        return f"{lead}, but it {losing_risk(chosen, other)}"
     delta = a[term] - b[term]
     grown = f"{delta * 1e3:.0f} ms" if delta < 1 else f"{delta:.2f} s"
     return (f"{ratio:.2f}x slower, {_TERM_LABELS[term]} +{grown} "
             f"({share:.0%} of its step vs {b[term] / best.cost.step_time_s:.0%})")
 
 
-def best_alternatives(planner: Planner, ordered: list, best: Evaluated, capacity: float) -> tuple[Alternative, ...]:
+def best_alternatives(planner: Planner, ordered: list, best: Evaluated, capacity: float,
+                      progress=None) -> tuple[Alternative, ...]:
     """The best layout found for every other value of each dimension."""
     out = []
     for dim in ALTERNATIVE_DIMENSIONS:
@@ -59,9 +68,10 @@ def best_alternatives(planner: Planner, ordered: list, best: Evaluated, capacity
         for value in sorted(groups, key=lambda v: (len(v), v)):
             if value == _value(best.candidate, dim):
                 continue
-            fit, over, _, _, _ = scan_candidates(planner, groups[value], capacity, budget=EXACT_EVALS_PER_ALTERNATIVE)
+            fit, over, _, _, _ = scan_candidates(planner, groups[value], capacity, budget=EXACT_EVALS_PER_ALTERNATIVE,
+                                                 progress=progress, phase=f"alternatives with {dim}={value}")
             ev = fit or over or planner.evaluate(min(groups[value], key=lambda x: (x[1], x[2]))[2])
-            out.append(Alternative(dimension=dim, value=value, evaluated=ev, reason=explain_loss(ev, best)))
+            out.append(Alternative(dimension=dim, value=value, evaluated=ev, reason=explain_loss(ev, best, planner)))
     return tuple(out)
 
 

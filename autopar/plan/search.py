@@ -1,38 +1,43 @@
-"""The planner: the fastest layout that fits, and why the others lost.
+"""The planner: the fastest layout that fits, the robust choice among those the model cannot tell apart,
+and why the others lost.
 
 [Note: search] Every candidate of autopar.plan.space gets a bound on its step
-time from whole-model sums (the mean rank's busy time and a balanced bubble)
-and on its peak memory. Candidates are visited in order of that bound; each
-is costed exactly (stage split by the ILP, autopar.plan.split, then the
-schedule's DAG) unless a tighter bound already reaches the best exact time
-found: the busiest rank of the best possible split (``split_bound``), then
-the floor of the actual split inside ``estimate_from_costs``. The scan stops
-when the next candidate's bound reaches the best. tests/test_search.py shows
-the result equal to costing every candidate. Ties break by the candidate's
-field order, so the same input gives the same plan. docs/planner.md.
+time and on its peak memory that no stage split beats (autopar.plan.bounds:
+the cost model's own terms with relaxed inputs). Candidates are visited in
+order of that bound; each is costed exactly (stage split by
+autopar.plan.split, then the schedule's DAG, swept by
+autopar.cost.schedule_sweep) unless a tighter bound already reaches the best
+exact time found: the exposed data-parallel time (``step_bound``), the
+weighted memory of any split (``memory_bound``), the busiest rank of the best
+possible split (``split_bound``), then, inside ``evaluate``, the floor and the
+memory of each actual split. The scan stops when the next candidate's bound
+reaches the best. The plan is then the robust choice among every plan within
+the model's error of that fastest one (autopar.plan.robust [Note: robust
+choice]). tests/test_search.py shows both equal to costing every candidate.
+Ties break by the candidate's field order, so the same input gives the same
+plan. docs/planner.md.
 """
-
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from autopar.cluster import ClusterSpec
 from autopar.cost import constants as C
-from autopar.cost.layers import CostOptions, LayerCost, collective_s, layer_costs
+from autopar.cost.layers import CostOptions, layer_costs
 from autopar.cost.model import CostBreakdown, estimate_from_costs, inflight_per_chunk
 from autopar.errors import AutoparError
+from autopar.plan.bounds import PlannerBounds, _Totals
+from autopar.plan.progress import SearchProgress
+from autopar.plan.robust import choose_robust, robust_reason
 from autopar.plan.space import Candidate, enumerate_candidates
-from autopar.plan.split import SplitProblem, SplitSolution, solve_split
+from autopar.plan.split import SplitProblem, SplitSolution, least_peak_and_bottleneck, solve_split
 from autopar.plan.types import Pins, Plan, Schedule, StagePlan
+from autopar.plan.unpriced import context_parallel_note
 from autopar.profile.types import ModelProfile
-
-BUBBLE_BOUND_MARGIN = 0.5
-"""Share of the balanced bubble the bound leaves out for 1F1B and interleaved
-1F1B: an uneven split's DAG filled and drained up to 31% faster than the
-balanced bubble on the test problems; tests/test_search.py checks the bound
-against the exact cost of every candidate of its problems."""
 
 SPLIT_MODES = ("chunk", "chunk_memory")
 """[Note: split modes] The ILP minimises the busiest "device"'s time.
@@ -46,7 +51,12 @@ capacity / v for interleaving (conservative: a rank whose chunks could share
 memory unevenly is called full; we round memory up, never down). The first
 split that fits is kept, else the least over. Balancing whole ranks under
 their real memory (the ILP with v > 1) was tried as a third mode: it cost
-the 1T search 2-3 s of HiGHS solves that almost never fit.
+the 1T search 2-3 s of HiGHS solves that almost never fit. Interleaving the
+user did not pin gets the ``chunk`` split only: in the GPT-3 175B search on
+1024 GPUs at 8 sequences per GPU (2026-12-01), 3 of the 319 ``chunk_memory``
+splits solved while pruning fitted in memory, the plan was the same without
+them, and the search took 0.8 s instead of 1.9 s; with only the ``chunk``
+split, its floor bounds the candidate and prunes it before any memory work.
 """
 
 
@@ -81,29 +91,34 @@ class SearchResult:
     """Stage-split problems solved (autopar.plan.split: chain DP or ILP)."""
     alternatives_time_s: float = 0.0
     """Time spent costing the alternatives after the plan was found."""
+    fastest: Evaluated | None = None
+    """The fastest predicted plan that fits, when the robust choice took another (autopar.plan.robust)."""
+    choice_reason: str | None = None
+    """Why ``best`` and not ``fastest``: one line ([Note: robust choice])."""
+    risks: tuple[str, ...] = ()
+    """What the plan's predicted step relies on that the model's error can undo (autopar.plan.robust
+    .Judged.risks): left only when every plan inside the model's error has it."""
+    reliance: str | None = None
+    """The overlap the plan relies on, priced, when it is material but not a risk (Judged.reliance)."""
+    robust_costed: int = 0
+    """Plans inside the model's error costed by the robust choice."""
 
     def search_dict(self) -> dict:
         return {"planning_time_s": self.planning_time_s, "alternatives_time_s": self.alternatives_time_s,
                 "candidates": self.candidates,
                 "evaluated": self.evaluated, "pruned_by_bound": self.pruned_by_bound,
-                "pruned_by_memory": self.pruned_by_memory, "split_solves": self.split_solves}
+                "pruned_by_memory": self.pruned_by_memory, "split_solves": self.split_solves,
+                "robust_costed": self.robust_costed}
+
+    def choice_dict(self) -> dict:
+        """The robust choice for `explain --json`: the fastest predicted plan when it was not taken, and why."""
+        fastest = self.fastest
+        return {"fastest_layout": fastest.plan.describe() if fastest else None,
+                "fastest_step_time_s": fastest.cost.step_time_s if fastest else None,
+                "reason": self.choice_reason, "risks": list(self.risks), "relies_on": self.reliance}
 
 
-@dataclass
-class _Totals:
-    """Whole-model sums for one (tp, sp, recompute) used by the bounds."""
-
-    costs: list[LayerCost]
-    time_s: float
-    tp_bytes: float
-    tp_calls: int
-    params: float
-    act_bytes: float
-    boundary_bytes: float
-    split_time_s: tuple[float, ...]
-
-
-class Planner:
+class Planner(PlannerBounds):
     """One planning problem: model, cluster, batch, pins and cost options."""
 
     def __init__(self, profile: ModelProfile, cluster: ClusterSpec, *, global_batch_size: int,
@@ -120,114 +135,11 @@ class Planner:
         self._totals: dict[tuple, _Totals] = {}
         self._splits: dict[tuple, SplitSolution] = {}
         self._evals: dict[Candidate, Evaluated] = {}
+        self._problems: dict[tuple, SplitProblem | None] = {}
+        self._dp_bounds: dict[Candidate, float] = {}
+        self._chunk_times: dict[tuple, list[float] | bool] = {}
+        """Per-(split, micro-batch) chunk times of _chunk_floor and per-(problem, split) fits."""
         self.split_solves = 0
-
-    # --- bounds -----------------------------------------------------------
-    def totals(self, tp: int, sp: bool, recompute) -> _Totals:
-        key = (tp, sp, recompute)
-        if key not in self._totals:
-            costs = layer_costs(self.profile, self.cluster, tp=tp, sequence_parallel=sp,
-                                recompute=recompute, opts=self.opts)
-            _, bw = self.cluster.link(tp > self.cluster.gpus_per_node)
-            ring = 2 * (tp - 1) / tp / (bw * self.opts.collective_efficiency) if tp > 1 else 0.0
-            self._totals[key] = _Totals(
-                costs=costs, time_s=sum(c.fwd_s + c.bwd_s for c in costs),
-                tp_bytes=sum(c.tp_bytes for c in costs), tp_calls=sum(c.tp_collectives for c in costs),
-                params=sum(c.params for c in costs if c.tied_to is None), act_bytes=sum(c.act_bytes for c in costs),
-                boundary_bytes=min(c.output_bytes for c in costs[:-1]) if len(costs) > 1 else 0.0,
-                split_time_s=tuple(c.fwd_s + c.bwd_s + c.tp_bytes * ring for c in costs))
-        return self._totals[key]
-
-    def lower_bound(self, cand: Candidate) -> tuple[float, float]:
-        """(step time, peak memory) no split of this candidate can beat."""
-        t = self.totals(cand.tp, cand.sequence_parallel, cand.recompute)
-        pp, b, m, v = cand.pp, cand.micro_batch_size, cand.num_microbatches, cand.virtual_stages
-        tp_inter = cand.tp > self.cluster.gpus_per_node
-        tp_s = collective_s(b * t.tp_bytes / pp, cand.tp, t.tp_calls // pp, tp_inter, self.cluster,
-                            self.opts.collective_efficiency)
-        per_mb = b * t.time_s / pp + tp_s
-        pipe = m * per_mb  # the mean rank's busy time bounds any split
-        if pp > 1:
-            # Balanced stages' closed form, its bubble less a margin: see _pipeline_bound.
-            bubble = (pp - 1) * per_mb / v
-            margin = 0.0 if cand.schedule is Schedule.GPIPE else BUBBLE_BOUND_MARGIN
-            pipe = max(pipe, m * per_mb + bubble * (1 - margin))
-            if v == 1:
-                pipe = max(pipe, pp * per_mb / (1 - (1 - 1 / m) ** pp))
-        params = t.params / pp
-        # Every chunk holds at least one micro-batch of activations at its peak.
-        return pipe + self._other_bound(cand, t), self._static_bytes(cand, params) + b * t.act_bytes / pp + self._reserve()
-
-    def _other_bound(self, cand: Candidate, t: _Totals) -> float:
-        """Bounds on the pipeline sends, exposed DP communication and optimizer step."""
-        pp, b, m, v = cand.pp, cand.micro_batch_size, cand.num_microbatches, cand.virtual_stages
-        pp_comm = 0.0
-        if pp > 1:
-            lat, bw = self.cluster.link(cand.tp * pp > self.cluster.gpus_per_node)
-            split = cand.sequence_parallel or self.opts.pp_scatter_gather
-            size = t.boundary_bytes * b / (cand.tp if split else 1)
-            pp_comm = 2 * (m * v + pp - 1) * (lat + size / (bw * self.opts.p2p_efficiency))
-        params = t.params / pp
-        return pp_comm + self._dp_bound(cand, params, b * t.time_s / pp) + self._opt_s(cand, params)
-
-    # _pipeline_bound: a perfectly balanced split takes m T + (p - 1) T / v (T
-    # the mean rank's micro-batch time; Narayanan et al. 2021 §2.2). GPipe's
-    # DAG is sum_c T_c + (m - 1) max_c T_c (tests/test_pipeline.py), never below
-    # it. 1F1B and interleaved DAGs of uneven splits can fill and drain faster
-    # than the balanced bubble (by up to 14% and 31% of it on every candidate
-    # of the test problems), so their bubble counts less BUBBLE_BOUND_MARGIN,
-    # with the two rigorous bounds below as floors.
-    # For GPipe and 1F1B, rank d cannot start before the first
-    # micro-batch's forwards on ranks < d, runs m micro-batches (m T_d), and
-    # its last backward is followed by that micro-batch's backwards on ranks
-    # < d: step >= sum_{c<d} T_c + m T_d for every d. Averaging these with
-    # weights w_d that make every T_c's coefficient equal (w_c m + sum_{d>c}
-    # w_d = K) removes the unknown split: step >= sum_c T_c / (1 - (1 - 1/m)^p).
-    # It is m * mean for large m and the one-micro-batch chain for m = 1.
-
-    def _dp_bound(self, cand: Candidate, params: float, compute_s: float) -> float:
-        if cand.dp <= 1:
-            return 0.0
-        inter = cand.dp * cand.tp * cand.pp > self.cluster.gpus_per_node
-        eff = self.opts.collective_efficiency
-        grad, weight = params * C.GRAD_BYTES, params * C.PARAM_BYTES
-
-        def coll(nbytes: float, kind: str) -> float:
-            return collective_s(nbytes, cand.dp, 1, inter, self.cluster, eff, kind)
-
-        # The exact model's overlap window is a rank's backward of one micro-batch
-        # (all its micro-batches under FSDP); the mean fwd+bwd bounds it above.
-        if cand.zero_stage == 0:
-            reduce_s, gather_s, window = coll(grad, "all_reduce"), 0.0, compute_s
-        elif cand.zero_stage == 1:
-            reduce_s, gather_s, window = coll(grad, "reduce_scatter"), coll(weight, "all_gather"), compute_s
-        else:
-            m = cand.num_microbatches
-            reduce_s = m * (coll(grad, "reduce_scatter") + 2 * coll(weight, "all_gather"))
-            gather_s, window = 0.0, m * compute_s
-        if not self.opts.overlap_dp_comm:
-            return reduce_s + gather_s
-        return max(0.0, reduce_s - window) + gather_s
-
-    def _opt_s(self, cand: Candidate, params: float) -> float:
-        shard = cand.dp if cand.zero_stage >= 1 else 1
-        hbm = self.cluster.device.hbm_bytes_per_s * self.opts.memory_efficiency
-        return params / shard * C.OPTIMIZER_TRAFFIC_BYTES_PER_PARAM / hbm
-
-    @staticmethod
-    def _bytes_per_param(cand: Candidate) -> tuple[float, float]:
-        """(weights + grads, optimizer) bytes per parameter under the candidate's ZeRO stage."""
-        all_shard = cand.dp if cand.zero_stage >= 3 else 1
-        opt_shard = cand.dp if cand.zero_stage >= 1 else 1
-        return (C.PARAM_BYTES + C.GRAD_BYTES) / all_shard, C.OPTIMIZER_BYTES / opt_shard
-
-    def _static_bytes(self, cand: Candidate, params: float) -> float:
-        wg, opt = self._bytes_per_param(cand)
-        return params * (wg + opt)
-
-    def _reserve(self) -> float:
-        dev = self.cluster.device
-        return dev.context_bytes + C.ALLOCATOR_FRAGMENTATION * dev.memory_bytes
 
     # --- exact costing ------------------------------------------------------
     def _split(self, cand: Candidate, mode: str) -> SplitSolution:
@@ -236,26 +148,37 @@ class Planner:
         chunks = cand.pp * cand.virtual_stages  # each chunk is a "device" of the split problem
         if mode == "chunk":
             key = (cand.tp, cand.sequence_parallel, cand.recompute, chunks)
+            if key in self._splits:
+                return self._splits[key]
             problem = SplitProblem(
                 time_s=t.split_time_s, weight_bytes=(0.0,) * len(t.costs), act_bytes=(0.0,) * len(t.costs),
                 num_devices=chunks, virtual_stages=1, inflight=(1.0,) * chunks, capacity_bytes=math.inf)
         else:
-            wg, opt = self._bytes_per_param(cand)
-            b = cand.micro_batch_size
-            inflight = inflight_per_chunk(cand.schedule, cand.pp, cand.virtual_stages, cand.num_microbatches)
-            capacity = self.cluster.device.memory_bytes - self._reserve() - max(b * c.work_bytes for c in t.costs)
-            capacity /= cand.virtual_stages  # each of a rank's v chunks gets an equal share: safe
-            if capacity <= 0:  # the reserve and one layer's work space alone overflow: nothing fits
+            problem = self._memory_problem(cand)
+            if problem is None:  # the reserve and one layer's work space alone overflow: nothing fits
                 return self._split(cand, "chunk")
-            problem = SplitProblem(
-                time_s=t.split_time_s, weight_bytes=tuple(c.params * (wg + opt) for c in t.costs),
-                act_bytes=tuple(b * c.act_bytes for c in t.costs), num_devices=chunks, virtual_stages=1,
-                inflight=inflight, capacity_bytes=capacity)
             key = problem
         if key not in self._splits:
             self._splits[key] = solve_split(problem, solver=self.split_solver)
             self.split_solves += 1
         return self._splits[key]
+
+    def _memory_problem(self, cand: Candidate) -> SplitProblem | None:
+        """The ``chunk_memory`` mode's problem ([Note: split modes]); None when no split can fit."""
+        key = ("memory", cand.tp, cand.sequence_parallel, cand.recompute, cand.pp, cand.virtual_stages,
+               cand.schedule, cand.num_microbatches, cand.micro_batch_size, self._bytes_per_param(cand))
+        if key not in self._problems:
+            t = self.totals(cand.tp, cand.sequence_parallel, cand.recompute)
+            per_param, b, chunks = self._bytes_per_param(cand), cand.micro_batch_size, cand.pp * cand.virtual_stages
+            inflight = inflight_per_chunk(cand.schedule, cand.pp, cand.virtual_stages, cand.num_microbatches)
+            capacity = self.cluster.device.memory_bytes - self._reserve() - max(b * c.work_bytes for c in t.costs)
+            capacity /= cand.virtual_stages  # each of a rank's v chunks gets an equal share: safe
+            # In units of per_param bytes, so that every problem of this TP layout shares its layer tuples.
+            self._problems[key] = None if capacity <= 0 else SplitProblem(
+                time_s=t.split_time_s, weight_bytes=tuple(c.params for c in t.costs),
+                act_bytes=tuple(c.act_bytes for c in t.costs), num_devices=chunks, virtual_stages=1,
+                inflight=tuple(x * b / per_param for x in inflight), capacity_bytes=capacity / per_param)
+        return self._problems[key]
 
     def plan_for(self, cand: Candidate, split: SplitSolution) -> Plan:
         bounds = [*split.boundaries, len(self.names)]
@@ -266,7 +189,7 @@ class Planner:
                     virtual_stages=cand.virtual_stages, recompute=cand.recompute, zero_stage=cand.zero_stage,
                     sequence_parallel=cand.sequence_parallel, stages=stages, global_batch_size=self.batch,
                     seq_len=self.profile.seq_len, model=self.profile.name,
-                    tp_inter_node=cand.tp > self.cluster.gpus_per_node)
+                    tp_inter_node=cand.tp > self.cluster.gpus_per_node, precision=cand.precision)
 
     def evaluate(self, cand: Candidate, prune_above: float | None = None) -> Evaluated | None:
         """Cost ``cand`` with the best of its split modes: see [Note: split modes].
@@ -278,8 +201,21 @@ class Planner:
             return self._evals[cand]
         t = self.totals(cand.tp, cand.sequence_parallel, cand.recompute)
         result, pruned = None, False
-        for mode in SPLIT_MODES:
+        modes = SPLIT_MODES if self._memory_mode(cand) else SPLIT_MODES[:1]
+        if prune_above is not None and cand.pp > 1 and self.split_solver in ("auto", "dp"):
+            chunk = self._split(cand, "chunk")
+            if self._chunk_floor(cand, chunk) + self._other_bound(cand, t) >= prune_above:
+                if len(modes) == 1 or self._fits_split_memory(cand, chunk):
+                    return None  # the memory mode would return this same split: [Note: split modes]
+                pruned, modes = True, SPLIT_MODES[1:]
+        for mode in modes:
+            if prune_above is not None and mode == "chunk_memory" and self._memory_mode_loses(cand, prune_above):
+                pruned = True
+                continue
             split = self._split(cand, mode)
+            if prune_above is not None and self.memory_floor(cand, split) > self.cluster.device.memory_bytes:
+                pruned = True  # cannot fit, so cannot replace a plan that fits
+                continue
             plan = self.plan_for(cand, split)
             ranges = [range(a, b) for a, b in zip(split.boundaries, [*split.boundaries[1:], len(self.names)])]
             cost = estimate_from_costs(t.costs, ranges, self.profile, self.cluster, plan, self.opts, prune_above)
@@ -296,21 +232,44 @@ class Planner:
         self._evals[cand] = result
         return result
 
-    def split_bound(self, cand: Candidate) -> float:
-        """A step time no split of ``cand`` beats: m micro-batches on the busiest rank of the
-        split that minimises the busiest rank (memory ignored; cached per TP and pipeline shape),
-        plus the other terms' bounds."""
+    def _memory_mode(self, cand: Candidate) -> bool:
+        """Is the ``chunk_memory`` split tried? One chunk per rank, or interleaving the user pinned: [Note: split
+        modes]."""
+        return cand.virtual_stages == 1 or self.pins.virtual_stages is not None or (
+            self.pins.schedule is Schedule.INTERLEAVED_1F1B)
+
+    def _memory_mode_loses(self, cand: Candidate, limit: float) -> bool:
+        """Can no split of the memory mode fit, or beat ``limit``? Without solving it: the least peak over every
+        split (parameters and held activations, in the mode's units, plus the reserve: the estimate's peak
+        without transients) and, where a split meets the mode's memory, m micro-batches of its least slowest
+        chunk (on a pipeline rank, busy that long) plus the other terms' bounds."""
+        problem = self._memory_problem(cand)
+        if problem is None or cand.pp == 1:
+            return False
+        key = ("least", id(problem))
+        if key not in self._chunk_times:
+            self._chunk_times[key] = least_peak_and_bottleneck(problem)
+        peak, slowest = self._chunk_times[key]
+        if peak * self._bytes_per_param(cand) + self._reserve() > self.cluster.device.memory_bytes:
+            return True
         t = self.totals(cand.tp, cand.sequence_parallel, cand.recompute)
-        key = ("rank_time", cand.tp, cand.sequence_parallel, cand.recompute, cand.pp, cand.virtual_stages)
-        if key not in self._splits:
-            chunks = cand.pp * cand.virtual_stages
-            self._splits[key] = solve_split(SplitProblem(
-                time_s=t.split_time_s, weight_bytes=(0.0,) * len(t.costs), act_bytes=(0.0,) * len(t.costs),
-                num_devices=cand.pp, virtual_stages=cand.virtual_stages, inflight=(1.0,) * chunks,
-                capacity_bytes=math.inf), solver=self.split_solver)
-            self.split_solves += 1
-        pipe = cand.num_microbatches * cand.micro_batch_size * self._splits[key].bottleneck_s
-        return pipe + self._other_bound(cand, t)
+        busy = cand.num_microbatches * cand.micro_batch_size * slowest
+        return math.isfinite(slowest) and busy + self._other_bound(cand, t) >= limit
+
+    def _fits_split_memory(self, cand: Candidate, split: SplitSolution) -> bool:
+        """Does ``split`` meet the memory mode's constraints? Then that mode's exact DP returns ``split`` itself:
+        it is the closest-to-even of the least-bottleneck splits, and the constraints only remove splits."""
+        problem = self._memory_problem(cand)
+        if problem is None:
+            return True
+        key = ("fits", id(problem), split.boundaries)
+        if key not in self._chunk_times:  # the DP's own arithmetic: sums from np.cumsum prefixes
+            weights, acts = (np.concatenate(([0.0], np.cumsum(x))) for x in (problem.weight_bytes, problem.act_bytes))
+            starts = np.array(split.boundaries)
+            ends = np.append(starts[1:], problem.num_layers)
+            memory = (weights[ends] - weights[starts]) + np.asarray(problem.inflight) * (acts[ends] - acts[starts])
+            self._chunk_times[key] = bool((memory <= problem.capacity_bytes).all())
+        return self._chunk_times[key]
 
 def _better(a: Evaluated | None, b: Evaluated) -> bool:
     """Is ``b`` better than ``a``? Fitting first, then faster, then less over, then field order."""
@@ -323,8 +282,19 @@ def _better(a: Evaluated | None, b: Evaluated) -> bool:
     return (b.cost.step_time_s, b.candidate) < (a.cost.step_time_s, a.candidate)
 
 
+def _prune_limit(best: Evaluated | None, cand: Candidate) -> float | None:
+    """The step time ``cand`` must get under to replace ``best``: its time, or for a candidate earlier in
+    field order (which wins ties, see _better) the next float above it. Exact ties happen: ZeRO 2 and 3
+    take the same time when their gathers hide behind compute."""
+    if best is None:
+        return None
+    limit = best.cost.step_time_s
+    return limit if cand > best.candidate else math.nextafter(limit, math.inf)
+
+
 def scan_candidates(planner: Planner, ordered: list[tuple[float, float, Candidate]], capacity: float,
-          budget: int | None = None) -> tuple[Evaluated | None, Evaluated | None, int, int, int]:
+                    budget: int | None = None, progress: SearchProgress | None = None,
+                    phase: str = "fastest layout") -> tuple[Evaluated | None, Evaluated | None, int, int, int]:
     """Visit candidates in bound order: (best fitting, least over, evaluated, pruned by bound, by memory).
 
     Three bounds prune, cheapest first: the candidate's balanced bound (the
@@ -334,17 +304,25 @@ def scan_candidates(planner: Planner, ordered: list[tuple[float, float, Candidat
     best = least_over = None
     evaluated = pruned_memory = pruned_split = 0
     for i, (time_lb, mem_lb, cand) in enumerate(ordered):
+        if progress is not None:
+            progress.step(phase, i, len(ordered), best.cost.step_time_s if best is not None else None)
         if best is not None and time_lb >= best.cost.step_time_s:
-            return best, least_over, evaluated, len(ordered) - i + pruned_split, pruned_memory
+            if time_lb > best.cost.step_time_s:
+                return best, least_over, evaluated, len(ordered) - i + pruned_split, pruned_memory
+            if cand > best.candidate:  # at best a tie, which the earlier field order wins
+                pruned_split += 1
+                continue
         if budget is not None and (evaluated >= 2 * budget or (best is not None and evaluated >= budget)):
             break
-        if mem_lb > capacity and (least_over is not None or best is not None):
+        if (least_over is not None or best is not None) and (
+                mem_lb > capacity or (cand.pp > 1 and planner.memory_bound(cand) > capacity)):
             pruned_memory += 1
             continue
-        limit = best.cost.step_time_s if best is not None else None
+        limit = _prune_limit(best, cand)
         # The split bound needs an ILP when v > 1; there the floor inside evaluate,
         # on the cached balanced-chunk split, prunes as well and costs less.
-        if limit is not None and cand.pp > 1 and cand.virtual_stages == 1 and planner.split_bound(cand) >= limit:
+        if limit is not None and (planner.step_bound(cand, time_lb) >= limit or (
+                cand.pp > 1 and cand.virtual_stages == 1 and planner.split_bound(cand) >= limit)):
             pruned_split += 1
             continue
         ev = planner.evaluate(cand, prune_above=limit)
@@ -360,35 +338,58 @@ def scan_candidates(planner: Planner, ordered: list[tuple[float, float, Candidat
 
 
 def search(profile: ModelProfile, cluster: ClusterSpec, *, global_batch_size: int, pins: Pins | None = None,
-           opts: CostOptions | None = None, alternatives: bool = True, split_solver: str = "auto") -> SearchResult:
-    """Plan ``profile`` on ``cluster``: see [Note: search].
+           opts: CostOptions | None = None, alternatives: bool = True, split_solver: str = "auto",
+           robust: bool = True, progress: bool = False) -> SearchResult:
+    """Plan ``profile`` on ``cluster``: see [Note: search]; with ``robust``, the plan is the robust choice among
+    those predicted within the model's error of the fastest ([Note: robust choice]), else the fastest. With
+    ``progress``, a search that runs past a second shows a status line on stderr (autopar.plan.progress).
 
     Raises:
         AutoparError: no layout exists (pins, batch), or nothing fits in memory and
             nothing was pinned (the message gives the fewest GPUs that could fit).
     """
+    shown = SearchProgress(progress)
+    try:
+        return _search(profile, cluster, global_batch_size, pins or Pins(), opts, alternatives, split_solver, robust,
+                       shown)
+    finally:
+        shown.close()
+
+
+def _search(profile: ModelProfile, cluster: ClusterSpec, global_batch_size: int, pins: Pins,
+            opts: CostOptions | None, alternatives: bool, split_solver: str, robust: bool,
+            progress: SearchProgress) -> SearchResult:
     start = time.perf_counter()
-    pins = pins or Pins()
     planner = Planner(profile, cluster, global_batch_size=global_batch_size, pins=pins, opts=opts,
                       split_solver=split_solver)
     cands = enumerate_candidates(profile, cluster, global_batch_size=global_batch_size, pins=pins)
-    ordered = sorted((*planner.lower_bound(c), c) for c in cands)
+    # cands come in field order, so their index breaks ties as the candidates would, and faster.
+    ordered = [(t, mem, c) for t, mem, _, c in sorted((*planner.lower_bound(c), i, c) for i, c in enumerate(cands))]
     capacity = cluster.device.memory_bytes
-    best, least_over, evaluated, pruned_bound, pruned_mem = scan_candidates(planner, ordered, capacity)
+    best, least_over, evaluated, pruned_bound, pruned_mem = scan_candidates(planner, ordered, capacity,
+                                                                            progress=progress)
     if best is None:
         if least_over is None:
             least_over = planner.evaluate(min(ordered, key=lambda x: (x[1], x[2]))[2])
         if not _pinned(pins):
             raise AutoparError(_does_not_fit(profile, cluster, least_over, global_batch_size))
         best = least_over
+    fastest, reason, risks, reliance, costed = None, None, (), None, 0
+    if robust and best.cost.fits:
+        chosen, quickest, costed = choose_robust(planner, ordered, best, capacity, progress)
+        reason = robust_reason(chosen, quickest)
+        fastest = quickest.evaluated if reason else None
+        best, risks = chosen.evaluated, tuple(chosen.risks().values())
+        reliance = None if "overlap" in chosen.risks() else chosen.reliance()
     planning_s = time.perf_counter() - start
     from autopar.plan.alternatives import best_alternatives
 
-    alts = best_alternatives(planner, ordered, best, capacity) if alternatives else ()
+    alts = best_alternatives(planner, ordered, best, capacity, progress) if alternatives else ()
     return SearchResult(
         best=best, alternatives=alts, planning_time_s=planning_s, candidates=len(cands),
         evaluated=evaluated, pruned_by_bound=pruned_bound, pruned_by_memory=pruned_mem,
-        split_solves=planner.split_solves, alternatives_time_s=time.perf_counter() - start - planning_s)
+        split_solves=planner.split_solves, alternatives_time_s=time.perf_counter() - start - planning_s,
+        fastest=fastest, choice_reason=reason, risks=risks, reliance=reliance, robust_costed=costed)
 
 
 def _pinned(pins: Pins) -> bool:
@@ -401,9 +402,19 @@ def _does_not_fit(profile: ModelProfile, cluster: ClusterSpec, least: Evaluated,
     need = max(s.peak_bytes for s in least.cost.stages)
     fewest = _fewest_gpus(profile, cluster, batch)
     where = f"at least {fewest} GPUs" if fewest else "a device with more memory"
+    plan = least.plan
+    from autopar.plan.space import tp_options
+    from autopar.profile.types import Recompute
+
+    work = min(max(c.work_bytes for c in layer_costs(profile, cluster, tp=tp, sequence_parallel=tp > 1,
+                                                     recompute=rc, opts=CostOptions()))
+               for tp in tp_options(profile, cluster, cluster.world_size, Pins()) for rc in Recompute)
+    free = cluster.device.memory_bytes - cluster.device.context_bytes - C.ALLOCATOR_FRAGMENTATION * cluster.device.memory_bytes
+    context = context_parallel_note(work, free, profile.seq_len)
     return (f"{profile.name} fits no layout of {cluster.world_size} x {cluster.device.name}: the leanest "
-            f"({least.plan.describe()}) needs {need / gib:.1f} GiB per GPU, the device has "
-            f"{cluster.device.memory_bytes / gib:.0f} GiB; use {where}, or a smaller --global-batch/--seq-len")
+            f"({plan.describe()}) needs {need / gib:.1f} GiB per GPU, the device has "
+            f"{cluster.device.memory_bytes / gib:.0f} GiB; " + (context or
+            f"use {where}, or a smaller --global-batch/--seq-len"))
 
 
 def _fewest_gpus(profile: ModelProfile, cluster: ClusterSpec, batch: int, limit: int = 1 << 17) -> int | None:

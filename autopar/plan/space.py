@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from autopar.cluster import ClusterSpec
 from autopar.errors import AutoparError
-from autopar.plan.types import Pins, Schedule, describe_layout
+from autopar.plan.types import ZERO_STAGES, Pins, Precision, Schedule, default_precision, describe_layout, schedule_accepts
 from autopar.profile.types import ModelProfile, Recompute
 
 MAX_MICRO_BATCH_SIZE = 64
@@ -23,7 +23,6 @@ MAX_VIRTUAL_STAGES = 8
 """Most chunks per rank tried for interleaved 1F1B (Narayanan et al. 2021
 Fig. 17 shows diminishing returns past a few)."""
 
-ZERO_STAGES = (0, 1, 3)
 
 
 @dataclass(frozen=True, order=True)
@@ -40,6 +39,8 @@ class Candidate:
     recompute: Recompute
     zero_stage: int
     sequence_parallel: bool
+    precision: Precision
+    """The same for every candidate of a search: the user's (autopar.plan.types.Precision)."""
 
     def describe(self) -> str:
         return describe_layout(self)
@@ -82,15 +83,12 @@ def _schedules(pp: int, m: int, num_layers: int, num_blocks: int, pins: Pins) ->
     for sched in (Schedule.ONE_F_ONE_B, Schedule.GPIPE, Schedule.INTERLEAVED_1F1B):
         if pins.schedule is not None and sched is not pins.schedule:
             continue
-        if sched is Schedule.ONE_F_ONE_B and m < pp:
-            continue  # torch's Schedule1F1B needs num_microbatches >= pp
+        if not schedule_accepts(sched, pp, m):
+            continue
         if sched is not Schedule.INTERLEAVED_1F1B:
             if pins.virtual_stages in (None, 1):
                 out.append((sched, 1))
             continue
-        rounds = max(1, m // pp)
-        if m % rounds:
-            continue  # ScheduleInterleaved1F1B's rule (autopar.cost.pipeline)
         if pins.virtual_stages:
             vs = [pins.virtual_stages]
         else:  # Megatron-LM's rule: the blocks divide evenly into the pp * v chunks
@@ -108,6 +106,7 @@ def enumerate_candidates(profile: ModelProfile, cluster: ClusterSpec, *, global_
     """
     world = cluster.world_size
     num_layers = sum(layer.count for layer in profile.layers)
+    precision = resolve_precision(profile, pins)
     out: list[Candidate] = []
     batch_rejected: set[int] = set()
     for tp in tp_options(profile, cluster, world, pins):
@@ -120,14 +119,36 @@ def enumerate_candidates(profile: ModelProfile, cluster: ClusterSpec, *, global_
             if global_batch_size % dp:
                 batch_rejected.add(dp)
                 continue
-            out += _per_degrees(tp, pp, dp, global_batch_size // dp, num_layers, profile.num_layers, pins)
+            out += _per_degrees(tp, pp, dp, global_batch_size // dp, num_layers, profile.num_layers, pins,
+                                precision)
     if not out:
         raise AutoparError(_no_layout_reason(profile, world, global_batch_size, pins, batch_rejected))
-    return sorted(out)
+    return sorted(out, key=_field_order)
+
+
+def _field_order(cand: Candidate) -> tuple:
+    """The dataclass order of ``cand`` as a plain tuple (sorting by it is several times faster)."""
+    return (cand.tp, cand.pp, cand.dp, cand.micro_batch_size, cand.num_microbatches, cand.schedule,
+            cand.virtual_stages, cand.recompute, cand.zero_stage, cand.sequence_parallel, cand.precision)
+
+
+def resolve_precision(profile: ModelProfile, pins: Pins) -> Precision:
+    """The pinned precision, checked against the profile's compute dtype, or the profile's default.
+
+    Raises:
+        AutoparError: the profile was built for another compute dtype than the precision computes in.
+    """
+    if pins.precision is None:
+        return default_precision(profile.dtype_bytes)
+    if pins.precision.compute_bytes != profile.dtype_bytes:
+        raise AutoparError(f"precision {pins.precision.value} computes in {pins.precision.compute_bytes}-byte "
+                           f"elements but {profile.name} was profiled with {profile.dtype_bytes}-byte ones; profile "
+                           f"it with dtype_bytes={pins.precision.compute_bytes}")
+    return pins.precision
 
 
 def _per_degrees(tp: int, pp: int, dp: int, per_replica: int, num_layers: int, num_blocks: int,
-                 pins: Pins) -> list[Candidate]:
+                 pins: Pins, precision: Precision) -> list[Candidate]:
     out = []
     mbs_options = [pins.micro_batch_size] if pins.micro_batch_size else [per_replica] if pins.single_microbatch \
         else [b for b in divisors(per_replica) if b <= MAX_MICRO_BATCH_SIZE]
@@ -144,7 +165,7 @@ def _per_degrees(tp: int, pp: int, dp: int, per_replica: int, num_layers: int, n
             for rc in recomputes:
                 for zero in zeros:
                     for sp in sps:
-                        out.append(Candidate(tp, pp, dp, mbs, m, sched, v, rc, zero, sp and tp > 1))
+                        out.append(Candidate(tp, pp, dp, mbs, m, sched, v, rc, zero, sp and tp > 1, precision))
     return out
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import pulp
@@ -220,25 +221,44 @@ def _solve_dp(problem: SplitProblem) -> tuple[int, ...]:
     sums. A min-max dynamic program over chunks gives objective 1, a min-sum one
     objective 2. Work is C * w^2: small when C is near L as well as when C is small.
     """
-    L, C, cap = problem.num_layers, problem.num_chunks, problem.capacity_bytes
-    w = L - C + 1
-    ends_after_start = np.arange(w)[None, :] >= np.arange(w)[:, None]
-    prefix = [np.concatenate(([0.0], np.cumsum(x)))
-              for x in (problem.time_s, problem.weight_bytes, problem.act_bytes)]
-    seg = [[np.where(ends_after_start, p[c + 1:c + 1 + w][None, :] - p[c:c + w][:, None], np.inf)
-            for c in range(C)] for p in (prefix if math.isfinite(cap) else prefix[:1])]
-    costs = seg[0]
+    C, cap = problem.num_chunks, problem.capacity_bytes
+    costs = _segments(problem.time_s, C)
     if math.isfinite(cap):
-        mem = [seg[1][c] + problem.inflight[c] * seg[2][c] + problem.fixed_bytes[c]
-               for c in range(C)]
-        costs = [np.where(m <= cap, t, np.inf) for m, t in zip(mem, seg[0])]
+        inflight = np.asarray(problem.inflight)[:, None, None]
+        mem = _segments(problem.weight_bytes, C) + inflight * _segments(problem.act_bytes, C)
+        mem += np.asarray(problem.fixed_bytes)[:, None, None]  # v == 1: one chunk per device
+        costs = np.where(mem <= cap, costs, np.inf)
     best = _minmax_value(costs)
     if not math.isfinite(best):  # nothing fits: minimise the largest device instead
         costs, best = mem, _minmax_value(mem)
-    return _closest_to_even([cost <= best for cost in costs], _even_starts(problem))
+    return _closest_to_even(costs <= best, _even_starts(problem))
 
 
-def _minmax_value(costs: list[np.ndarray]) -> float:
+def least_peak_and_bottleneck(problem: SplitProblem) -> tuple[float, float]:
+    """For v == 1: (least over splits of the largest chunk's memory, least over splits that fit of the slowest
+    chunk's time, inf when none fits), the values solve_split's DP reaches before its tie-break. For v > 1
+    chunks are the problem's devices here too, so the memory is a chunk's, at most its device's."""
+    C = problem.num_chunks
+    mem = _segments(problem.weight_bytes, C) + np.asarray(problem.inflight)[:, None, None] * _segments(
+        problem.act_bytes, C)
+    times = np.where(mem <= problem.capacity_bytes, _segments(problem.time_s, C), np.inf)
+    return _minmax_value(mem), _minmax_value(times)
+
+
+@lru_cache(maxsize=64)
+def _segments(values: tuple[float, ...], num_chunks: int) -> np.ndarray:
+    """[c, k, j]: the sum of ``values`` over chunk c = layers [c + k, c + 1 + j), inf where j < k (read-only;
+    cached: the planner's problems share their layer tuples)."""
+    w = len(values) - num_chunks + 1
+    starts = np.arange(num_chunks)[:, None] + np.arange(w)[None, :]  # chunk c starts at c + k
+    prefix = np.concatenate(([0.0], np.cumsum(values)))
+    seg = prefix[starts + 1][:, None, :] - prefix[starts][:, :, None]
+    seg[:, np.arange(w)[None, :] < np.arange(w)[:, None]] = np.inf
+    seg.flags.writeable = False
+    return seg
+
+
+def _minmax_value(costs: np.ndarray) -> float:
     """Least over splits of the largest chunk cost (costs[c][k, j] as in _solve_dp)."""
     best = np.full(costs[0].shape[0], np.inf)  # best[j]: the chunks after, from c + 1 + j
     best[-1] = 0.0  # after the last chunk: layer L, every layer covered
@@ -247,7 +267,7 @@ def _minmax_value(costs: list[np.ndarray]) -> float:
     return float(best[0])
 
 
-def _closest_to_even(allowed: list[np.ndarray], even: list[int]) -> tuple[int, ...]:
+def _closest_to_even(allowed: np.ndarray, even: list[int]) -> tuple[int, ...]:
     """Split of allowed[c][k, j] chunks: least sum |start - even|, then lexicographic."""
     w = allowed[0].shape[0]
     tails = [np.full(w, np.inf)]  # tails[-1][k]: least cost of the chunks from c + k on

@@ -8,9 +8,11 @@ exact, saved activations within 10% (they agree to a few bytes;
 docs/profiler.md has the figures).
 
 Notation (per sequence, so b = 1): s sequence length, h hidden size, a heads,
-kv = (key/value heads) x d the width of K and of V, d = h/a head dim, f MLP
-hidden size, V vocab, e bytes per element of the compute dtype, m bytes per
-dropout-mask element.
+d head dim (h/a unless the config sets head_dim), q = a x d the width of the
+queries and of the attention output, kv = (key/value heads) x d the width of K
+and of V, f MLP hidden size, V vocab, e bytes per element of the compute dtype,
+m bytes per dropout-mask element. Every registry family is priced by these
+formulas; what each family changes is data on ArchConfig (docs/families.md, "Profiling").
 
 FLOPs follow the FlopCounterMode convention (2 per multiply-accumulate) and
 count attention over the full s x s score matrix, as Narayanan et al. 2021
@@ -29,8 +31,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from autopar.errors import AutoparError
+from autopar.families import FAMILIES
 from autopar.profile.config import ArchConfig
-from autopar.profile.types import LayerKind, LayerProfile, ModelProfile, Recompute, TPSplit
+from autopar.profile.types import AttentionCore, Gemm, LayerKind, LayerProfile, ModelProfile, Recompute, TPSplit
 
 BWD_FLOPS_PER_FWD = 2.0
 """Backward FLOPs per forward FLOP for matmuls: dX and dW each cost one forward."""
@@ -64,29 +67,29 @@ LOSS_DTYPE_BYTES = 4
 INDEX_BYTES = 8
 """Token ids, position ids and labels are int64."""
 
-MODULE_NAMES = {
-    "gpt2": ("transformer.wte", "transformer.h.{}", "transformer.ln_f", "lm_head"),
-    "llama": ("model.embed_tokens", "model.layers.{}", "model.norm", "lm_head"),
-    "gpt_neox": ("gpt_neox.embed_in", "gpt_neox.layers.{}", "gpt_neox.final_layer_norm", "lm_head"),
-}
-"""(embedding, block pattern, final norm, LM head) as transformers 5 names them."""
+MODULE_NAMES = {name: spec.module_names for name, spec in FAMILIES.items()}
+"""A read-only view of the registry (autopar.families): ``model_type`` -> (embedding, block pattern,
+final norm, LM head). The registry is the source; this stays for the modules that import it."""
 
 COLUMN_PARALLEL = frozenset(
-    {"c_attn", "c_fc", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "query_key_value", "dense_h_to_4h"}
+    {"c_attn", "c_fc", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "query_key_value", "dense_h_to_4h",
+     "qkv_proj", "gate_up_proj", "fc1", "Wqkv"}
 )
 """Linear layers (by module leaf name) Megatron-style TP splits by output
 columns: weight and bias sharded, input replicated (Shoeybi et al. 2019, §3)."""
 
-ROW_PARALLEL = frozenset({"c_proj", "o_proj", "down_proj", "dense", "dense_4h_to_h"})
+ROW_PARALLEL = frozenset({"c_proj", "o_proj", "down_proj", "dense", "dense_4h_to_h", "out_proj", "fc2"})
 """Linear layers split by input rows: weight sharded, bias replicated (added
 once after the all-reduce), input sharded."""
 
-VOCAB_PARALLEL = frozenset({"wte", "embed_tokens", "embed_in", "lm_head"})
+VOCAB_PARALLEL = frozenset({"wte", "embed_tokens", "embed_in", "word_embeddings", "lm_head", "embed_out"})
 """Vocabulary tables TP shards by rows (GPT-2's position table ``wpe`` is replicated)."""
 
-SOFTMAX_FP32_FAMILIES = frozenset({"llama", "gpt_neox"})
-"""Families whose eager attention runs softmax in fp32 and casts the
-probabilities back: the fp32 softmax output and the cast copy are both kept."""
+SOFTMAX_NATIVE_PROFILES = frozenset({"gpt2", "falcon"})
+"""Profiles whose eager attention runs softmax in the compute dtype. Every
+other one (transformers' ``eager_attention_forward``, NeoX, BLOOM, MPT) runs it
+in fp32 and casts the probabilities back: the fp32 softmax output and the cast
+copy are both kept."""
 
 SOFTMAX_DTYPE_BYTES = 4
 """Bytes per element of those families' fp32 softmax output."""
@@ -95,11 +98,18 @@ MATH_SDPA_BYTES = 4
 """SDPA's unfused CPU fallback upcasts reduced-precision q, k, v to fp32 and
 keeps everything it saves (q, k, v, scores, mask, dropped scores) in fp32."""
 
-ROTARY_CAT_FAMILIES = frozenset({"gpt_neox"})
+ROTARY_CAT_PROFILES = frozenset({"gpt_neox", "phi3", "nemotron"})
 """Families whose rotary embedding rebuilds q and k with ``torch.cat`` (partial
 rotary): they come out head-major, and fused attention allocates its output in
 q's layout (CUDA flash, CPU flash and the meta kernel alike), so the output is
 copied back to (s, h) before the output projection: one more s x h tensor."""
+
+FP32_NORM_WEIGHT_PROFILES = frozenset({"gemma", "gemma2", "gemma3_text", "olmo2"})
+"""RMSNorms that multiply by the weight (Gemma's 1 + weight) in fp32 before
+casting back, so the normalised tensor they keep is fp32 (Llama's casts back first)."""
+
+PARALLEL_DROPOUT_PROFILES = frozenset({"falcon"})
+"""Falcon adds attention and MLP outputs before one residual dropout (NeoX drops each out)."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +133,7 @@ def _kernels(arch: ArchConfig, attention: str, device_type: str, e: int) -> _Ker
     keeps a mask in the compute dtype (``at::dropout`` without the fused kernel)
     and SDPA with dropout falls back to the unfused math path."""
     cpu = device_type == "cpu"
-    if attention == "eager":
+    if attention == "eager" or not arch.sdpa:
         kind = "eager"
     else:
         kind = "math" if cpu and arch.attn_dropout > 0 else "fused"
@@ -131,26 +141,35 @@ def _kernels(arch: ArchConfig, attention: str, device_type: str, e: int) -> _Ker
 
 
 def _rotary_dim(arch: ArchConfig) -> int:
-    """Width of the rotary cos/sin tables (0 for learned positions)."""
-    if arch.family == "gpt2":
-        return 0
-    raw = arch.raw or {}
-    default = 0.25 if arch.family == "gpt_neox" else 1.0
-    fraction = raw.get("rotary_pct", raw.get("partial_rotary_factor", default))
-    return int(arch.head_dim * fraction)
+    """Width of the rotary cos/sin tables (0 for learned positions and ALiBi)."""
+    return int(arch.head_dim * arch.rotary_fraction)
 
 
-def _norm_saved(arch: ArchConfig, s: int, e: int, inputs: int = 1, norms: int = 1) -> float:
-    """Bytes ``norms`` norms keep, reading ``inputs`` distinct input tensors.
+def _norm_saved(arch: ArchConfig, s: int, e: int, inputs: int = 1, norms: int = 1, width: int = 0,
+                rows: int = 0) -> float:
+    """Bytes ``norms`` norms of ``width`` (default hidden) keep, reading ``inputs`` distinct input tensors.
 
     LayerNorm keeps its input and two fp32 statistics per row. RMSNorm keeps the
-    fp32 upcast of its input, the normalised tensor (before the weight) and
-    1/rms per row.
+    fp32 upcast of its input, the normalised tensor (before the weight; fp32 in
+    Gemma's) and 1/rms per row. ``rows`` (default s) counts the rows (s x heads
+    for a per-head q/k norm).
     """
-    sh = s * arch.hidden_size
+    elems, rows = s * (width or arch.hidden_size), rows or s
     if arch.norm == "rmsnorm":
-        return norms * (sh * RMSNORM_UPCAST_BYTES + sh * e + s * NORM_STAT_BYTES)
-    return inputs * sh * e + norms * 2 * s * NORM_STAT_BYTES
+        normed = RMSNORM_UPCAST_BYTES if arch.profile in FP32_NORM_WEIGHT_PROFILES else e
+        return norms * (elems * (RMSNORM_UPCAST_BYTES + normed) + rows * NORM_STAT_BYTES)
+    return inputs * elems * e + norms * 2 * rows * NORM_STAT_BYTES
+
+
+def _qk_norm_saved(arch: ArchConfig, s: int, e: int) -> float:
+    """Bytes the q and k RMSNorms keep (Qwen3 and Gemma 3 per head, OLMo 2 over the whole width)."""
+    if not arch.qk_norm:
+        return 0.0
+    per_head = arch.qk_norm == "head"
+    q_rows = s * arch.num_attention_heads if per_head else s
+    k_rows = s * arch.num_key_value_heads if per_head else s
+    return (_norm_saved(arch, s, e, width=arch.q_width, rows=q_rows)
+            + _norm_saved(arch, s, e, width=arch.kv_width, rows=k_rows))
 
 
 def _mlp_saved_elems(arch: ArchConfig) -> float:
@@ -162,21 +181,50 @@ def _mlp_saved_elems(arch: ArchConfig) -> float:
     """
     if arch.gated_mlp:
         return 4.0
+    if arch.activation == "relu":
+        return 1.0  # ReLU keeps its output, the down projection's input: one tensor
     return 5.0 if arch.activation in ("gelu_new", "gelu_pytorch_tanh_python") else 2.0
 
 
 def _qkv_saved(arch: ArchConfig, s: int, e: int, k: _Kernels) -> float:
     """Bytes of q, k, v kept for the attention's backward."""
-    h, kv = arch.hidden_size, arch.num_key_value_heads * arch.head_dim
+    q, kv = arch.q_width, arch.kv_width
     if not k.fused:
         # bmm needs contiguous (b*a, s, d) operands: q, K and V are copied at
-        # full head count (repeat_kv expands grouped K and V), 3sh.
-        return 3 * s * h * (MATH_SDPA_BYTES if k.attention == "math" else e)
-    if arch.family == "llama":
-        return s * (h + 2 * kv) * e  # rotary q and k replace q_proj/k_proj outputs; v_proj out
-    fused_buffer = s * (h + 2 * kv) * e  # c_attn / query_key_value output, kept by the v view
-    rotary_copies = s * (h + kv) * e if _rotary_dim(arch) else 0
+        # full head count (repeat_kv expands grouped K and V), 3 s x a x d.
+        return 3 * s * q * (MATH_SDPA_BYTES if k.attention == "math" else e)
+    if not arch.fused_qkv:
+        if kv < q and _masked(arch, s):
+            # transformers expands grouped K and V (repeat_kv) before masked SDPA: three s x a x d copies
+            return 3 * s * q * e
+        return s * (q + 2 * kv) * e  # rotary (or normed, scaled) q and k replace the projections' outputs; v
+    fused_buffer = s * (q + 2 * kv) * e  # c_attn / query_key_value / qkv_proj output, kept by the v view
+    rotary_copies = s * (q + kv) * e if _rotary_dim(arch) else 0
     return fused_buffer + rotary_copies
+
+
+def attention_kinds(arch: ArchConfig) -> set[str]:
+    """The attention kinds of the layers (``full_attention``, ``sliding_attention``), as transformers sets them."""
+    raw = arch.raw or {}
+    if raw.get("layer_types"):
+        return set(raw["layer_types"])
+    if arch.spec.sliding_window_all and raw.get("sliding_window"):
+        return {"sliding_attention"}
+    if arch.profile == "gemma2":  # alternating, from layer 0
+        return {"sliding_attention", "full_attention"} if arch.num_layers > 1 else {"sliding_attention"}
+    if arch.profile == "gemma3_text":  # five sliding then one full (sliding_window_pattern 6)
+        return {"sliding_attention", "full_attention"} if arch.num_layers >= 6 else {"sliding_attention"}
+    return {"full_attention"}
+
+
+def _masked(arch: ArchConfig, s: int) -> bool:
+    """Some layer's SDPA gets an explicit mask: a sliding window shorter than the sequence.
+
+    [Note: one block for all layers] The profile has one block entry, so when
+    only some layers slide (Gemma 2 and 3) every block is priced as a masked one.
+    """
+    window = (arch.raw or {}).get("sliding_window")
+    return bool(window) and s > window and "sliding_attention" in attention_kinds(arch)
 
 
 def _core_saved(arch: ArchConfig, s: int, e: int, k: _Kernels) -> float:
@@ -188,8 +236,9 @@ def _core_saved(arch: ArchConfig, s: int, e: int, k: _Kernels) -> float:
     scores = a * s * s
     if k.attention == "math":
         return scores * MATH_SDPA_BYTES * (3 if arch.attn_dropout > 0 else 1)  # probs (+ mask, dropped)
-    upcast = arch.family in SOFTMAX_FP32_FAMILIES and e < SOFTMAX_DTYPE_BYTES
+    upcast = arch.profile not in SOFTMAX_NATIVE_PROFILES and e < SOFTMAX_DTYPE_BYTES
     softmax = scores * (SOFTMAX_DTYPE_BYTES if upcast else e)  # kept by softmax's backward
+    softmax += scores * e if _softcapped(arch, "attn_logit_softcapping") else 0  # tanh keeps its output
     if arch.attn_dropout > 0:
         return softmax + scores * (k.mask_bytes + e)  # + mask, dropped probs: Korthikanti's 5as²b in fp16
     return softmax + (scores * e if upcast else 0)  # PV keeps the probabilities cast back, if they were
@@ -202,55 +251,81 @@ def _block_saved(arch: ArchConfig, s: int, e: int, k: _Kernels) -> tuple[TPSplit
     (QKV, MLP in), residual dropout masks. Sharded: the rest.
     """
     sh = s * arch.hidden_size
-    norms = _norm_saved(arch, s, e, inputs=1 if arch.parallel_residual else 2, norms=2)
-    masks = 2 * sh * k.mask_bytes if arch.resid_dropout > 0 else 0
-    replicated = norms + 2 * sh * e + masks
+    norms = _norm_saved(arch, s, e, inputs=arch.norm_inputs, norms=arch.block_norms)
+    masks = _resid_masks(arch) * sh * k.mask_bytes if arch.resid_dropout > 0 else 0
+    replicated = norms + _linear_inputs(arch) * sh * e + masks
     # The o_proj input; a fused kernel also keeps its output, the same storage
-    # unless q was head-major (ROTARY_CAT_FAMILIES).
-    copies = 2 if k.fused and arch.family in ROTARY_CAT_FAMILIES else 1
+    # unless q was head-major (ROTARY_CAT_PROFILES).
+    copies = 2 if k.fused and arch.profile in ROTARY_CAT_PROFILES else 1
     core = _core_saved(arch, s, e, k)
     mlp = _mlp_saved_elems(arch) * s * arch.ffn_hidden_size * e
-    sharded = _qkv_saved(arch, s, e, k) + core + copies * sh * e + mlp
+    sharded = _qkv_saved(arch, s, e, k) + _qk_norm_saved(arch, s, e) + core + copies * s * arch.q_width * e + mlp
     return TPSplit(replicated, sharded), core
+
+
+def _linear_inputs(arch: ArchConfig) -> int:
+    """The q/k/v and MLP-in projections' inputs a block saves (one tensor when one norm feeds both, Falcon-7B)."""
+    return 1 if arch.block_norms == 1 else 2
+
+
+def _resid_masks(arch: ArchConfig) -> int:
+    """Residual dropouts in a block (their masks are kept)."""
+    return 1 if arch.parallel_residual and arch.profile in PARALLEL_DROPOUT_PROFILES else 2
 
 
 def _block_params(arch: ArchConfig) -> TPSplit:
     """Column-parallel weights and biases sharded; row-parallel weights sharded,
     their biases replicated (Megatron-LM); norms replicated."""
-    h, f = arch.hidden_size, arch.ffn_hidden_size
-    kv = arch.num_key_value_heads * arch.head_dim
-    norm = 2 * h if arch.norm == "layernorm" else h
-    sharded, replicated = block_matmul_weights(arch), 2 * norm
-    if arch.attention_bias and arch.model_type != "mistral":  # Mistral's linears have no bias
-        sharded += h + 2 * kv
-        replicated += 0 if arch.model_type == "qwen2" else h  # Qwen2's o_proj has none
-    if arch.mlp_bias and arch.model_type not in ("mistral", "qwen2"):  # their MLPs have no bias
+    h, f, q, kv = arch.hidden_size, arch.ffn_hidden_size, arch.q_width, arch.kv_width
+    sharded, replicated = block_matmul_weights(arch), arch.block_norms * arch.norm_params * h
+    # q/k norms: one weight per head dim shared by all heads (Qwen3, Gemma 3), or
+    # one per element of the projected width (OLMo 2); replicated as meta counts them.
+    replicated += {"head": 2 * arch.head_dim, "width": q + kv}.get(arch.qk_norm, 0)
+    if arch.qkv_bias:
+        sharded += q + 2 * kv
+    if arch.out_bias:
+        replicated += h
+    if arch.mlp_bias:
         sharded += (2 if arch.gated_mlp else 1) * f
         replicated += h
     return TPSplit(replicated, sharded)
 
 
 def block_matmul_weights(arch: ArchConfig) -> int:
-    """Weights (no biases) of one block's linear layers: what the matmuls multiply."""
-    h, f, kv = arch.hidden_size, arch.ffn_hidden_size, arch.num_key_value_heads * arch.head_dim
-    return h * (h + 2 * kv) + h * h + (3 if arch.gated_mlp else 2) * h * f
+    """Weights (no biases) of one block's linear layers: what the matmuls multiply.
+
+    q_proj h x (a d), k_proj and v_proj h x (kv d) each (fused or not: the same
+    weights), o_proj (a d) x h, and two (gate|up, down) or three MLP matrices."""
+    h, f, q, kv = arch.hidden_size, arch.ffn_hidden_size, arch.q_width, arch.kv_width
+    return h * (q + 2 * kv) + q * h + (3 if arch.gated_mlp else 2) * h * f
+
+
+def block_gemms(arch: ArchConfig, s: int) -> tuple[Gemm, ...]:
+    """The block's weight matmuls by shape, as :func:`block_matmul_weights` counts them: q/k/v (fused or
+    not, one column-parallel product of width q + 2 kv), the output projection (row-parallel), the MLP in
+    (gate and up as one product when gated) and out. Their FLOPs are 2 s x block_matmul_weights."""
+    h, f, q, kv = arch.hidden_size, arch.ffn_hidden_size, arch.q_width, arch.kv_width
+    mlp_in = (2 if arch.gated_mlp else 1) * f
+    return (Gemm(s, h, q + 2 * kv, "cols"), Gemm(s, q, h, "inner"), Gemm(s, h, mlp_in, "cols"),
+            Gemm(s, f, h, "inner"))
 
 
 def _block(arch: ArchConfig, s: int, e: int, k: _Kernels, names: tuple[str, ...]) -> LayerProfile:
     """One block, standing for the run of identical ``names``."""
     sh, f = s * arch.hidden_size, arch.ffn_hidden_size
-    core_fwd = 2 * 2 * s * s * arch.hidden_size  # QK^T and PV, each 2*s*s*d per head
+    core_fwd = 2 * 2 * s * s * arch.q_width  # QK^T and PV, each 2*s*s*d per head
     linear_fwd = 2 * s * block_matmul_weights(arch)
     fwd_flops = TPSplit(0.0, linear_fwd + core_fwd)
     core_bwd_ratio = FUSED_ATTENTION_BWD_PER_FWD if k.fused else BWD_FLOPS_PER_FWD
     bwd_flops = TPSplit(0.0, BWD_FLOPS_PER_FWD * linear_fwd + core_bwd_ratio * core_fwd)
     none, core_saved = _block_saved(arch, s, e, k)
     core_traffic = _core_traffic(arch, s, e, k)
-    masks = 2 * sh * k.mask_bytes if arch.resid_dropout > 0 else 0
+    masks = _resid_masks(arch) * sh * k.mask_bytes if arch.resid_dropout > 0 else 0
     # Non-matmul traffic, forward: each norm reads and writes s*h; each
     # residual (+ dropout) reads two and writes one; the activation reads and
     # writes the MLP hidden (twice for a gated MLP's multiply).
-    fwd_traffic = TPSplit((2 * 2 + 2 * 3) * sh * e + masks, (4 if arch.gated_mlp else 2) * s * f * e + core_traffic)
+    fwd_traffic = TPSplit((2 * arch.block_norms + 2 * 3) * sh * e + masks,
+                          (4 if arch.gated_mlp else 2) * s * f * e + core_traffic)
     return LayerProfile(
         kind=LayerKind.BLOCK, module_names=names, params=_block_params(arch),
         fwd_flops=fwd_flops, bwd_flops=bwd_flops,
@@ -266,6 +341,13 @@ def _block(arch: ArchConfig, s: int, e: int, k: _Kernels, names: tuple[str, ...]
                                  Recompute.FULL: fwd_traffic},
         output_bytes=sh * e,
         tp_allreduce_bytes=2 * sh * e,  # after attention and after the MLP
+        # Under sequence parallelism the q/k/v and MLP-in inputs are the all-gathered tensors, kept whole;
+        # selective recomputation checkpoints the attention (its gather included), full the whole block.
+        sp_gathered_bytes={Recompute.NONE: _linear_inputs(arch) * sh * e,
+                           Recompute.SELECTIVE: (_linear_inputs(arch) - 1) * sh * e},
+        gemms=block_gemms(arch, s),
+        attention=AttentionCore(heads=arch.num_attention_heads, seq_len=s, head_dim=arch.head_dim,
+                                kernel="fused" if k.fused else "eager"),
     )
 
 
@@ -283,7 +365,8 @@ def _core_traffic(arch: ArchConfig, s: int, e: int, k: _Kernels) -> float:
 
 def _simple(kind: LayerKind, name: str, params: TPSplit, saved: dict[Recompute, TPSplit], traffic: TPSplit,
             output_bytes: float, fwd_flops: TPSplit = TPSplit(), tied_to: str | None = None,
-            tp_allreduce_bytes: float = 0.0) -> LayerProfile:
+            tp_allreduce_bytes: float = 0.0, sp_gathered_bytes: dict | None = None,
+            gemms: tuple[Gemm, ...] = ()) -> LayerProfile:
     """A layer that is not a block: no recomputation applies to it."""
     zero = {m: TPSplit() for m in Recompute}
     return LayerProfile(
@@ -292,24 +375,87 @@ def _simple(kind: LayerKind, name: str, params: TPSplit, saved: dict[Recompute, 
         bwd_traffic_bytes=traffic.scale(BWD_TRAFFIC_PER_FWD),
         activation_bytes=saved, recompute_flops=zero,
         recompute_traffic_bytes=zero, output_bytes=output_bytes, tied_to=tied_to,
-        tp_allreduce_bytes=tp_allreduce_bytes,
+        tp_allreduce_bytes=tp_allreduce_bytes, sp_gathered_bytes=sp_gathered_bytes or {}, gemms=gemms,
     )
 
 
 def _embedding_saved(arch: ArchConfig, s: int, e: int, attention: str, k: _Kernels) -> dict[Recompute, TPSplit]:
-    """Token ids (and GPT-2's position ids), the dropout mask, and the tensors
-    the model builds once and hands to every block: rotary cos/sin (saved by
-    each block's multiply, or held by each checkpoint), and under full
-    recomputation also the position ids and eager attention's s x s mask, which
-    the checkpoints hold as arguments."""
+    """Token ids (and the position ids of a learned table), the dropout mask,
+    BLOOM's embedding LayerNorm and OPT's project_in inputs, and the tensors the
+    model builds once and hands to every block: rotary cos/sin (saved by each
+    block's multiply, or held by each checkpoint), and under full recomputation
+    also the position ids and eager attention's s x s mask, which the
+    checkpoints hold as arguments."""
     sh = s * arch.hidden_size
     ids = s * INDEX_BYTES * (2 if arch.learned_positions else 1)
     mask = sh * k.mask_bytes if arch.embd_dropout > 0 else 0
-    rotary = 2 * s * _rotary_dim(arch) * e
-    base = TPSplit(ids + mask + rotary, 0.0)
-    held_args = (s * INDEX_BYTES if rotary else 0) + (s * s * e if attention == "eager" else 0)
+    # cos and sin, one pair per rotary kind (Gemma 3: local and global)
+    rotary = 2 * s * _rotary_dim(arch) * e * (len(attention_kinds(arch)) if arch.profile == "gemma3_text" else 1)
+    norm = _norm_saved(arch, s, e) if arch.embedding_norm else 0
+    project_in = s * arch.embed_dim * e
+    # Falcon's ALiBi reaches SDPA as one float (heads, s, s) bias, built once and kept by every block's attention.
+    alibi = arch.num_attention_heads * s * s * e if arch.profile == "falcon" and not arch.rotary_fraction else 0
+    base = TPSplit(ids + mask + rotary + norm + project_in + alibi, 0.0)
+    eager = attention == "eager" or not arch.sdpa
+    held_args = (s * INDEX_BYTES if rotary else 0) + (s * s * e * len(attention_kinds(arch)) if eager else 0)
     full = TPSplit(base.replicated + held_args, 0.0)
     return {Recompute.NONE: base, Recompute.SELECTIVE: base, Recompute.FULL: full}
+
+
+def _embedding(arch: ArchConfig, s: int, e: int, attention: str, k: _Kernels) -> LayerProfile:
+    """Token embedding, plus learned positions, BLOOM's LayerNorm and OPT's
+    project_in and project_out (all their parameters sit here, as meta counts
+    them; project_out's FLOPs are the final norm's, where it runs)."""
+    h, sh, wp = arch.hidden_size, s * arch.hidden_size, arch.embed_dim
+    positions = h * (arch.max_position_embeddings + arch.position_offset) if arch.learned_positions else 0
+    extras = positions + (arch.norm_params * h if arch.embedding_norm else 0) + 2 * wp * h
+    embd_mask = sh * k.mask_bytes if arch.embd_dropout > 0 else 0
+    return _simple(
+        LayerKind.EMBEDDING, arch.spec.embedding, TPSplit(extras, arch.vocab_size * arch.token_width),
+        _embedding_saved(arch, s, e, attention, k),
+        TPSplit((3 if arch.learned_positions else 1) * sh * e + embd_mask, 0.0), sh * e,
+        fwd_flops=TPSplit(2.0 * s * wp * h, 0.0),  # project_in: s x wp @ wp x h
+        tp_allreduce_bytes=sh * e,  # vocab-parallel embedding sums partial lookups
+        gemms=(Gemm(s, wp, h),) if wp else (),
+    )
+
+
+def _final_norm(arch: ArchConfig, s: int, e: int) -> LayerProfile:
+    """The final norm (and OPT's project_out, which runs after it and keeps its input)."""
+    sh, wp = s * arch.hidden_size, arch.embed_dim
+    saved = TPSplit(_norm_saved(arch, s, e) + (sh * e if wp else 0), 0.0)
+    return _simple(LayerKind.FINAL_NORM, arch.spec.final_norm, TPSplit(arch.norm_params * arch.hidden_size, 0.0),
+                   {m: saved for m in Recompute}, TPSplit(2 * sh * e, 0.0), s * arch.token_width * e,
+                   fwd_flops=TPSplit(2.0 * sh * wp, 0.0), gemms=(Gemm(s, arch.hidden_size, wp),) if wp else ())
+
+
+SOFTCAP_DEFAULTS = {"final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}
+"""Gemma 2's caps when its config names none (Gemma 3's default is no cap)."""
+
+
+def _softcapped(arch: ArchConfig, key: str = "final_logit_softcapping") -> bool:
+    """Logits (or attention scores) are soft-capped, ``cap * tanh(x / cap)``: Gemma 2 by default, Gemma 3 when set."""
+    if arch.profile not in ("gemma2", "gemma3_text"):
+        return False
+    default = SOFTCAP_DEFAULTS[key] if arch.profile == "gemma2" else None
+    return (arch.raw or {}).get(key, default) is not None
+
+
+def _head(arch: ArchConfig, s: int, e: int) -> LayerProfile:
+    """LM head: x @ W^T (2 s w V FLOPs, w the head's input width) keeps x; the
+    loss keeps the labels and log_softmax's fp32 output, soft-capping its tanh
+    output (vocab-parallel, so sharded)."""
+    V, w = arch.vocab_size, arch.token_width
+    logits_f32 = s * V * LOSS_DTYPE_BYTES
+    head_saved = TPSplit(s * w * e + s * INDEX_BYTES, logits_f32 + (s * V * e if _softcapped(arch) else 0))
+    return _simple(
+        LayerKind.LM_HEAD, arch.spec.head, TPSplit(0.0, V * w), {m: head_saved for m in Recompute},
+        TPSplit(0.0, s * V * e + 4 * logits_f32), 4.0,  # output: the scalar loss
+        fwd_flops=TPSplit(0.0, 2.0 * s * w * V),
+        tied_to=arch.spec.embedding if arch.tie_word_embeddings else None,
+        sp_gathered_bytes={m: s * w * e for m in Recompute},  # the head's input, all-gathered under SP
+        gemms=(Gemm(s, w, V, "cols"),),
+    )
 
 
 def _check(arch: ArchConfig, seq_len: int, dtype_bytes: int, attention: str, device_type: str) -> None:
@@ -344,36 +490,15 @@ def profile_analytic(arch: ArchConfig, *, seq_len: int, dtype_bytes: int = 2,
         AutoparError: an argument is out of range.
     """
     _check(arch, seq_len, dtype_bytes, attention, device_type)
-    s, h, e, V = seq_len, arch.hidden_size, dtype_bytes, arch.vocab_size
-    sh = s * h
+    s, e = seq_len, dtype_bytes
     k = _kernels(arch, attention, device_type, e)
-    emb_name, block_fmt, norm_name, head_name = MODULE_NAMES[arch.family]
-    embd_mask = sh * k.mask_bytes if arch.embd_dropout > 0 else 0
-    emb_params = TPSplit(h * arch.max_position_embeddings if arch.learned_positions else 0, V * h)
-    embedding = _simple(
-        LayerKind.EMBEDDING, emb_name, emb_params, _embedding_saved(arch, s, e, attention, k),
-        TPSplit((3 if arch.learned_positions else 1) * sh * e + embd_mask, 0.0), sh * e,
-        tp_allreduce_bytes=sh * e,  # vocab-parallel embedding sums partial lookups
-    )
-    blocks = _block(arch, s, e, k, tuple(block_fmt.format(i) for i in range(arch.num_layers)))
-    norm_params = 2 * h if arch.norm == "layernorm" else h
-    norm_saved = TPSplit(_norm_saved(arch, s, e), 0.0)
-    final_norm = _simple(LayerKind.FINAL_NORM, norm_name, TPSplit(norm_params, 0.0),
-                         {m: norm_saved for m in Recompute}, TPSplit(2 * sh * e, 0.0), sh * e)
-    # LM head: x @ W^T (2*s*h*V FLOPs) keeps x; the loss keeps the labels and
-    # log_softmax's fp32 output (vocab-parallel, so sharded).
-    logits_f32 = s * V * LOSS_DTYPE_BYTES
-    head_saved = TPSplit(sh * e + s * INDEX_BYTES, logits_f32)
-    head = _simple(
-        LayerKind.LM_HEAD, head_name, TPSplit(0.0, V * h), {m: head_saved for m in Recompute},
-        TPSplit(0.0, s * V * e + 4 * logits_f32), 4.0,  # output: the scalar loss
-        fwd_flops=TPSplit(0.0, 2.0 * sh * V),
-        tied_to=emb_name if arch.tie_word_embeddings else None,
-    )
+    block_names = tuple(arch.spec.blocks.format(i) for i in range(arch.num_layers))
+    layers = (_embedding(arch, s, e, attention, k), _block(arch, s, e, k, block_names), _final_norm(arch, s, e),
+              _head(arch, s, e))
     return ModelProfile(
-        name=arch.name, architecture=arch.architecture, seq_len=s, hidden_size=h,
+        name=arch.name, architecture=arch.architecture, seq_len=s, hidden_size=arch.hidden_size,
         num_layers=arch.num_layers, num_attention_heads=arch.num_attention_heads,
-        num_key_value_heads=arch.num_key_value_heads, vocab_size=V, dtype_bytes=e,
-        layers=(embedding, blocks, final_norm, head), source="analytic", ffn_hidden_size=arch.ffn_hidden_size,
+        num_key_value_heads=arch.num_key_value_heads, vocab_size=arch.vocab_size, dtype_bytes=e,
+        layers=layers, source="analytic", ffn_hidden_size=arch.ffn_hidden_size,
         notes=(f"attention={attention}", f"kernels={device_type}"),
     )

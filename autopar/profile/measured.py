@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from autopar.errors import AutoparError
-from autopar.profile.analytic import COLUMN_PARALLEL, MODULE_NAMES, ROW_PARALLEL, profile_analytic
+from autopar.errors import AutoparError, UnsupportedModelError
+from autopar.profile.analytic import COLUMN_PARALLEL, ROW_PARALLEL, profile_analytic
 from autopar.profile.config import ArchConfig
 
 TIMING_VOCAB = 128
@@ -61,9 +61,13 @@ def build_model(arch: ArchConfig, *, num_layers: int | None = None, attention: s
     if arch.raw is None:
         raise AutoparError(f"model {arch.name!r} carries no HF config dict; load it with load_arch()")
     raw = {k: v for k, v in arch.raw.items() if not k.startswith("_") and k != "model_type"}
+    attention = attention if arch.sdpa else "eager"  # BLOOM, MPT, soft-capped Gemma 2 have no SDPA path
     try:
         config = transformers.AutoConfig.for_model(arch.model_type, **raw)
-        config.num_hidden_layers = num_layers or arch.num_layers
+        layers = num_layers or arch.num_layers
+        if getattr(config, "layer_types", None):  # per-layer attention kinds (Gemma 2 and 3): the first ones
+            config.layer_types = list(config.layer_types[:layers])
+        config.num_hidden_layers = layers
         config.use_cache = False  # else a training forward builds a KV cache and keeps K/V copies
         with torch.device(device):
             model = transformers.AutoModelForCausalLM.from_config(
@@ -147,7 +151,17 @@ def shard_block(block: torch.nn.Module, tp: int) -> None:
             module.split_size //= tp
 
 
+UNSHARDABLE_PROFILES = frozenset({"phi3", "olmo2", "falcon", "bloom", "mpt"})
+"""Blocks :func:`shard_block` cannot cut: their attention splits a fused q/k/v
+(or normalises q and k over the whole width) by the head counts of the config,
+not of the cut linears, so a shard does not run."""
+
+
 def _check_tp(arch: ArchConfig, tp: int) -> None:
+    if tp > 1 and arch.profile in UNSHARDABLE_PROFILES:
+        raise UnsupportedModelError(
+            f"timing a tp={tp} shard of a {arch.family} block is not supported (its attention splits the fused "
+            "projections by the config's head counts); time it at tp=1, or plan without --measure")
     sizes = {"attention heads": arch.num_attention_heads, "key/value heads": arch.num_key_value_heads,
              "MLP width": arch.ffn_hidden_size}
     for what, size in sizes.items():
@@ -161,7 +175,7 @@ def _block_and_kwargs(arch: ArchConfig, tp: int, micro_batch_size: int, seq_len:
     small = replace(arch, vocab_size=TIMING_VOCAB, raw={**(arch.raw or {}), "vocab_size": TIMING_VOCAB})
     model = build_model(small, num_layers=1, attention=attention, dtype_bytes=DTYPE_BYTES[dtype], device=device)
     model = model.to(dtype)  # float16 is built as bfloat16
-    block = model.get_submodule(MODULE_NAMES[arch.family][1].format(0))
+    block = model.get_submodule(arch.spec.blocks.format(0))
     shard_block(block, tp)
     captured = {}
 
@@ -251,3 +265,63 @@ def measure_blocks(arch: ArchConfig, *, seq_len: int, tps: list[int], micro_batc
         timing = profile_measured(arch, seq_len=seq_len, micro_batch_size=micro_batch_size, tp=tp, device=device)
         out.append((tp, timing.fwd_s / micro_batch_size, timing.bwd_s / micro_batch_size))
     return tuple(out)
+
+
+KERNEL_TABLE_SIZES = (1024, 2048, 4096, 8192)
+"""Matmul dimensions :func:`measure_kernel_tables` times by default (every (M, K, N) of them: 64 shapes)."""
+
+
+def _timed(fn, device: str, warmup: int, iters: int) -> float:
+    """Median seconds of ``fn()`` on ``device``."""
+    times = []
+    for i in range(warmup + iters):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_kernel_tables(*, device: str | None = None, dtype: torch.dtype = torch.bfloat16,
+                          sizes: tuple[int, ...] = KERNEL_TABLE_SIZES, attention: tuple[tuple[int, int], ...] = (
+                              (2048, 128), (4096, 128), (2048, 64)), heads: int = 16, warmup: int = 2,
+                          iters: int = 5) -> tuple[tuple, tuple]:
+    """Time single matmuls and the fused attention kernel on ``device``: the cluster JSON's measured
+    tables (``DeviceSpec.measured_matmul`` / ``measured_attention``, docs/clusters.md "Measured kernels"),
+    which then replace the tile model and the attention ceiling (autopar.cost.kernels).
+
+    Returns:
+        ((M, K, N, FLOP/s), ...) for every (M, K, N) of ``sizes``, and ((seq_len, head_dim, FLOP/s), ...)
+        of causal SDPA forward and backward over ``heads`` heads, counting the causal blocks' FLOPs as the
+        cost model does (autopar.cost.kernels.causal_fraction; backward 2.5 x forward).
+    """
+    from autopar.cost.kernels import causal_fraction
+    from autopar.profile.analytic import FUSED_ATTENTION_BWD_PER_FWD
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    matmul = []
+    for m in sizes:
+        for k in sizes:
+            for n in sizes:
+                a = torch.randn(m, k, device=device, dtype=dtype)
+                b = torch.randn(k, n, device=device, dtype=dtype)
+                seconds = _timed(lambda: a @ b, device, warmup, iters)
+                matmul.append((m, k, n, 2.0 * m * k * n / seconds))
+    timed_attention = []
+    for seq_len, head_dim in attention:
+        q, k, v = (torch.randn(1, heads, seq_len, head_dim, device=device, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+        grad = torch.randn(1, heads, seq_len, head_dim, device=device, dtype=dtype)
+
+        def step():
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out.backward(grad)
+
+        seconds = _timed(step, device, warmup, iters)
+        flops = 4.0 * seq_len**2 * head_dim * heads * causal_fraction(seq_len) * (1 + FUSED_ATTENTION_BWD_PER_FWD)
+        timed_attention.append((seq_len, head_dim, flops / seconds))
+    return tuple(matmul), tuple(timed_attention)

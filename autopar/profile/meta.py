@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from autopar.profile.analytic import COLUMN_PARALLEL, MODULE_NAMES, ROW_PARALLEL, VOCAB_PARALLEL, profile_analytic
+from autopar.profile.analytic import COLUMN_PARALLEL, ROW_PARALLEL, VOCAB_PARALLEL, profile_analytic
 from autopar.profile.config import ArchConfig
 from autopar.profile.measured import build_model, set_checkpointing
 from autopar.profile.record import PROFILE_MICRO_BATCH, StepRecord, record_step
@@ -38,7 +38,7 @@ def _param_split(named_params) -> TPSplit:
 
 def _layer_params(model: torch.nn.Module, arch: ArchConfig, measured_block: int) -> dict[LayerKind, TPSplit]:
     """Parameters per layer kind (one block); the embedding holds what the others do not."""
-    _, block_fmt, norm_name, head_name = MODULE_NAMES[arch.family]
+    _, block_fmt, norm_name, head_name = arch.spec.module_names
     modules = dict(model.named_modules())
     others = [block_fmt.format(i) for i in range(PROFILE_BLOCKS)] + [norm_name, head_name]
     embedding = [(n, p) for n, p in model.named_parameters() if not any(n.startswith(o + ".") for o in others)]

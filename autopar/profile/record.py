@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from autopar.profile.analytic import COLUMN_PARALLEL, MODULE_NAMES
+from autopar.profile.analytic import COLUMN_PARALLEL
 from autopar.profile.config import ArchConfig
 from autopar.profile.types import TPSplit
 
@@ -232,16 +232,22 @@ class _Recorder:
         return t.dim() >= 2 and tuple(t.shape[-2:]) == (s, s) and t.numel() == self.batch * self.heads * s * s
 
 
+QK_NORMS = frozenset({"q_norm", "k_norm"})
+"""Norms of the projected q and k (Qwen3, Gemma 3, OLMo 2): they see the heads
+TP shards, so what they keep is sharded, unlike the block's norms."""
+
+
 def _frame(name: str, module: torch.nn.Module) -> _Frame:
     leaf = name.rsplit(".", 1)[-1]
     kind = type(module).__name__
-    replicated = leaf in COLUMN_PARALLEL or "norm" in kind.lower() or isinstance(module, torch.nn.Dropout)
+    norm = "norm" in kind.lower() and leaf not in QK_NORMS
+    replicated = leaf in COLUMN_PARALLEL or norm or isinstance(module, torch.nn.Dropout)
     return _Frame(replicated=replicated, attention=kind.endswith("Attention"))
 
 
 def _install(rec: _Recorder, model: torch.nn.Module, arch: ArchConfig, num_blocks: int) -> list:
     """Module hooks: phases, the module stack, checkpoint inputs and backward marks."""
-    _, block_fmt, norm_name, head_name = MODULE_NAMES[arch.family]
+    _, block_fmt, norm_name, head_name = arch.spec.module_names
     starts = {block_fmt.format(i): f"block.{i}" for i in range(num_blocks)}
     starts.update({norm_name: "final_norm", head_name: "lm_head"})  # module -> the phase it starts
     handles = []
@@ -302,9 +308,11 @@ def _mark_on_grad(rec: _Recorder, tensors: list[torch.Tensor], mark: str) -> Non
 
 
 def _backward_flops(marks: dict[str, float], phases: list[str], end_total: float) -> dict[str, float]:
-    """A phase's backward runs from its output's gradient to its input's (the
-    LM head's from the start of backward, the embedding's to its end)."""
-    starts = [marks.get(f"{p}:out", marks.get(f"{q}:in", 0.0)) for p, q in zip(phases, phases[1:] + [""])]
+    """A phase's backward runs from the next phase's input gradient (its own
+    output's, for the LM head: the start of backward) to its own input's (the
+    embedding's to the end), so work between two phase modules (OPT's
+    project_out after the final norm) stays with the phase that ran it."""
+    starts = [marks.get(f"{q}:in", marks.get(f"{p}:out", 0.0)) for p, q in zip(phases, phases[1:] + [""])]
     ends = [marks.get(f"{p}:in", end_total) for p in phases]
     return {p: end - start for p, start, end in zip(phases, starts, ends)}
 
@@ -324,7 +332,7 @@ def record_step(model: torch.nn.Module, arch: ArchConfig, *, seq_len: int,
     """
     device = next(model.parameters()).device
     ids = torch.randint(0, arch.vocab_size, (micro_batch_size, seq_len), device=device)
-    num_blocks = len(model.get_submodule(MODULE_NAMES[arch.family][1].rsplit(".", 1)[0]))
+    num_blocks = len(model.get_submodule(arch.spec.blocks.rsplit(".", 1)[0]))
     rec = _Recorder(seq_len=seq_len, batch=micro_batch_size, heads=arch.num_attention_heads,
                     vocab=arch.vocab_size, param_storages={id(p.untyped_storage()) for p in model.parameters()})
     handles = _install(rec, model, arch, num_blocks)

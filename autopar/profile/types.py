@@ -57,6 +57,42 @@ class TPSplit:
         return TPSplit(self.replicated * factor, self.sharded * factor)
 
 
+@dataclass(frozen=True)
+class Gemm:
+    """One matmul shape of a layer's forward for one sequence: ``count`` products of
+    (``rows`` x ``inner``) @ (``inner`` x ``cols``), 2 x rows x inner x cols FLOPs each.
+
+    The cost model prices it by its shape (autopar.cost.kernels): under a micro-batch of b sequences
+    the token dimension (``rows``) grows to b x rows; backward runs the two gradient products
+    (dX: rows x cols x inner, dW: inner x rows x cols) of the same size.
+    """
+
+    rows: int
+    """Tokens of one sequence (the M dimension)."""
+    inner: int
+    """The reduced dimension (K)."""
+    cols: int
+    """The output width (N)."""
+    tp_dim: str = ""
+    """Which dimension tensor parallelism divides: ``cols`` (column-parallel and vocab-parallel),
+    ``inner`` (row-parallel), or ``""`` (replicated)."""
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class AttentionCore:
+    """The attention core of a block, softmax(Q K^T) V, for one sequence: priced by its own kernel
+    model (autopar.cost.kernels), not as a weight matmul."""
+
+    heads: int
+    """Query heads (tensor parallelism divides them)."""
+    seq_len: int
+    head_dim: int
+    kernel: str
+    """``fused`` (flash / memory-efficient SDPA: tiles in on-chip memory, causal blocks skipped) or
+    ``eager`` (two batched matmuls around a materialised softmax, whose traffic the profile counts)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class LayerProfile:
     """One layer (or a run of identical layers) of the model, per sequence.
@@ -91,6 +127,17 @@ class LayerProfile:
     all-gather of the same total volume)."""
     tied_to: str | None = None
     """Module name whose weight this layer shares (GPT-2's lm_head <- wte)."""
+    sp_gathered_bytes: dict[Recompute, float] = field(default_factory=dict)
+    """Of ``activation_bytes``' replicated part, for each recomputation mode: the bytes sequence
+    parallelism does not split. torch's ``PrepareModuleInput`` (and the LM head's ``ColwiseParallel``)
+    all-gather the sequence-sharded input and the column-parallel linears save the gathered tensor
+    (Megatron-LM instead keeps the shard and gathers again in backward; Korthikanti et al. 2022 §4.2.2
+    price that). Absent modes: nothing."""
+    gemms: tuple[Gemm, ...] = ()
+    """The weight matmuls of one forward, by shape (their FLOPs are ``fwd_flops`` less the attention
+    core's); empty: priced at the device's best matmul rate."""
+    attention: AttentionCore | None = None
+    """The block's attention core, or None."""
 
     @property
     def count(self) -> int:

@@ -1,7 +1,7 @@
 """Bad input and per-rank shares under torchrun (see tests/test_executor_checks.py).
 
     torchrun ... checks_worker.py OUT share "tp=2 pp=2" ...   # per-rank parameter/gradient/optimizer counts
-    torchrun ... checks_worker.py OUT fallback               # GPT-NeoX: no split adapter -> FSDP2
+    torchrun ... checks_worker.py OUT fallback               # OPT: no declared plans -> data parallel
     torchrun ... checks_worker.py OUT version                # rank 1 runs another autopar version
     torchrun ... checks_worker.py OUT options                # rank 1 passes other options
 """
@@ -53,6 +53,7 @@ def share(out: Path, layouts: list[str]) -> None:
             params = list(model.parameters())
             result[kind] = {
                 "pp_rank": runtime.layout.pp_rank, "tp_rank": runtime.layout.tp_rank, "dp": runtime.plan.dp,
+                "zero": runtime.plan.zero_stage,
                 "planned": planned[runtime.layout.pp_rank],
                 "params": sum(local_numel(p) for p in params),
                 "grads": sum(local_numel(p.grad) for p in params if p.grad is not None),
@@ -63,9 +64,9 @@ def share(out: Path, layouts: list[str]) -> None:
 
 
 def fallback(out: Path) -> None:
-    cfg = transformers.GPTNeoXConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
-                                     intermediate_size=64, vocab_size=96, max_position_embeddings=32,
-                                     hidden_dropout=0.0, attention_dropout=0.0, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.OPTConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, ffn_dim=64,
+                                 word_embed_proj_dim=32, vocab_size=96, max_position_embeddings=32, dropout=0.0,
+                                 attention_dropout=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if os.environ.get("WORLD_SIZE"):

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 
 import autopar
 from autopar.execute import weights
-from autopar.execute.families import Family
+from autopar.execute.families import family_of
 
 BATCH, SEQ = 8, 16
 LOSS_RTOL = 1e-5
@@ -79,7 +79,7 @@ def expected(kind: str, name: str, state: dict, tp: int) -> torch.Tensor:
     key = name if name in state else {"lm_head.weight": "transformer.wte.weight"}.get(name, name)
     module = name.rsplit(".", 1)[0]
     converted = kind == "gpt2" and tp > 1 and ".h." in name and module.endswith(CONV1D)
-    return Family(kind).checkpoint_transform(name, state[key], tp, converted=converted)
+    return family_of(type("C", (), {"model_type": kind})()).checkpoint_transform(name, state[key], tp, converted=converted)
 
 
 def check(kind: str, folder: str, layout: str, ids: torch.Tensor, ref_loss: float) -> dict:

@@ -207,9 +207,10 @@ def dropout(kind: str, run: Run) -> dict:
         model = run.build(kind, cfg)
     losses = _train(model, batches()[:STEPS])
 
-    def tp_replicated(p) -> bool:
+    def tp_replicated(p) -> bool:  # a plain tensor, or a DTensor replicated over TP (sequence-parallel norms)
         mesh = getattr(p, "device_mesh", None)
-        return mesh is None or "tp" not in (mesh.mesh_dim_names or ())
+        names = (mesh.mesh_dim_names or ()) if mesh is not None else ()
+        return "tp" not in names or p.placements[names.index("tp")].is_replicate()
 
     replicated = {n: float((p.to_local() if hasattr(p, "to_local") else p).detach().double().sum())
                   for n, p in model.named_parameters() if tp_replicated(p)}

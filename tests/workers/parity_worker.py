@@ -33,14 +33,15 @@ def config(kind: str):
                                     bos_token_id=0, eos_token_id=0, pad_token_id=0)
 
 
-def batches():
-    """Padded batches: each row keeps a random number of real tokens; pads are masked and labelled -100."""
+def batches(steps: int = STEPS, batch: int = BATCH, seq: int = SEQ, vocab: int = VOCAB, shortest: int = 2):
+    """Padded batches: each row keeps a random number (>= ``shortest``) of real tokens; pads are masked and
+    labelled -100."""
     g = torch.Generator().manual_seed(1)
     out = []
-    for _ in range(STEPS):
-        ids = torch.randint(1, VOCAB, (BATCH, SEQ), generator=g)
-        lens = torch.randint(2, SEQ + 1, (BATCH,), generator=g)
-        mask = (torch.arange(SEQ)[None] < lens[:, None]).long()
+    for _ in range(steps):
+        ids = torch.randint(1, vocab, (batch, seq), generator=g)
+        lens = torch.randint(shortest, seq + 1, (batch,), generator=g)
+        mask = (torch.arange(seq)[None] < lens[:, None]).long()
         out.append((ids.masked_fill(mask == 0, 0), mask, ids.masked_fill(mask == 0, -100)))
     return out
 
@@ -78,7 +79,8 @@ def parse(words: str) -> dict:
     pins = {}
     for word in words.split():
         key, value = word.split("=")
-        pins[key] = value if key in ("schedule", "recompute") else int(value)
+        pins[key] = value if key in ("schedule", "recompute") else bool(int(value)) if key == "sequence_parallel" \
+            else int(value)
     return pins
 
 

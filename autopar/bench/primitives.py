@@ -1,0 +1,414 @@
+"""The primitives ``autopar calibrate`` times, on every rank of a torchrun job.
+
+Every function here measures one kind of primitive and returns plain rows
+(dicts of numbers) that autopar.bench.calibrate writes into the cluster JSON
+(docs/clusters.md#measured). Nothing here runs a layout's training step
+([Note: measure primitives, predict layouts] in autopar/bench/__init__.py).
+
+Timing: each measurement takes ``SAMPLES`` samples, a sample being enough
+back-to-back calls to last ``SAMPLE_S`` (at least one), after one warm-up
+call. Kernels (matmuls, attention, element-wise, overheads) are timed on rank 0
+alone while the other ranks wait, the fastest sample kept: the device's own
+rate (other processes only add time). How much
+slower a rank runs when the ranks of a node share cores or a device is
+measured once, apart (:func:`core_sharing`), for the cost model to apply where
+ranks really compute at once. Communication is timed with every group (or
+pair) of a partition at once, as plans run it, after a barrier; the slowest
+rank's median sample is kept, as a step waits for the slowest rank.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+SAMPLES = 5
+"""Samples per measurement; the median is kept (robust to another process taking the core for a while)."""
+SAMPLE_S = 0.02
+"""Seconds one sample lasts at least: far above timer resolution, short enough for ~200 measurements."""
+
+GEMM_TOKENS = (128, 512, 2048, 8192)
+"""Rows m of the matmuls timed: tokens of a micro-batch (micro-batch x sequence; 128 = one sequence of
+128). The planner's micro-batches of 1-16 sequences of 128-512 tokens fall inside."""
+GEMM_WIDTHS = (64, 256, 1024, 4096, 16384, 65536)
+"""Columns n: a TP shard of a projection (hidden / tp, 3 hidden / tp, ffn / tp) up to a vocabulary."""
+GEMM_DEPTHS = (64, 256, 1024, 4096)
+"""Contraction k: the hidden size, or its TP shard in a row-parallel linear."""
+GEMM_MAX_FLOPS = 2e10
+"""Largest matmul timed (2 m n k FLOPs): about 0.2-0.5 s on a CPU core; larger ones run at the rate of
+the largest timed, which the table's readers extrapolate flat."""
+
+MESSAGE_BYTES = (256, 4096, 65536, 1 << 20, 8 << 20)
+"""Collective and send sizes: latency-bound (256 B) to bandwidth-bound (8 MiB: a GPT-2 block's gradients
+are 28 MiB in fp32, bucketed per block; beyond 8 MiB the fitted line extrapolates)."""
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
+"""What plans run: gradient all-reduce (ZeRO 0), FSDP2's all-gather and reduce-scatter (ZeRO 2-3),
+TP's all-reduce (and all-gather / reduce-scatter under sequence parallelism)."""
+
+ELEMENTWISE_BYTES = 32 << 20
+"""Size of the tensors the element-wise kernels stream (past the last-level cache of a CPU)."""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, samples: int = SAMPLES,
+              sample_s: float = SAMPLE_S, collective: bool = False, fastest: bool = False) -> float:
+    """Median (``fastest``: smallest) seconds of one call of ``fn`` over the samples (see the module
+    docstring). ``collective``: ``fn`` talks to other ranks, so every rank must call it equally often: the
+    ranks agree on the repetitions first."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    first = time.perf_counter() - start
+    reps = max(1, int(sample_s / max(first, 1e-7)))
+    if collective and dist.is_initialized():
+        reps = int(slowest(float(reps)))
+    out = []
+    for _ in range(samples):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync(device)
+        out.append((time.perf_counter() - start) / reps)
+    return min(out) if fastest else statistics.median(out)
+
+
+def alone(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of ``fn`` on rank 0 while every other rank waits in a barrier (the device's own rate, not
+    shared with other ranks: :func:`core_sharing` measures the sharing), on every rank: the fastest sample,
+    as other processes on the machine only ever add time to a kernel."""
+    if dist.is_initialized():
+        dist.barrier()
+    seconds = time_call(fn, device, fastest=True) if _rank() == 0 else 0.0
+    if dist.is_initialized():
+        dist.barrier()
+    return _broadcast_float(seconds)
+
+
+def slowest(seconds: float, group=None) -> float:
+    """The largest of every rank's ``seconds`` (in ``group``), on every rank."""
+    if not dist.is_initialized():
+        return seconds
+    t = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return float(t.item())
+
+
+def gemm_shapes() -> list[tuple[int, int, int]]:
+    """(M, K, N) of every matmul of the grid, largest FLOPs excluded (:data:`GEMM_MAX_FLOPS`)."""
+    return [(m, k, n) for m in GEMM_TOKENS for n in GEMM_WIDTHS for k in GEMM_DEPTHS
+            if 2 * m * n * k <= GEMM_MAX_FLOPS]
+
+
+def model_gemm_shapes(profile, tps: list[int], micro_batches: list[int]) -> list[tuple[int, int, int]]:
+    """(M, K, N) of every weight matmul a training step of ``profile`` runs, per TP degree and micro-batch
+    size: each forward product (b rows x inner) @ (inner x cols), cut to one TP shard as the cost model cuts
+    it, and its two gradient products (dX: M x N x K, dW: K x M x N; autopar.cost.kernels._product_s);
+    at most :data:`GEMM_MAX_FLOPS` each, without repeats."""
+    shapes = set()
+    for layer in profile.layers:
+        for g in layer.gemms:
+            for tp in tps:
+                inner = -(-g.inner // tp) if g.tp_dim == "inner" else g.inner
+                cols = -(-g.cols // tp) if g.tp_dim == "cols" else g.cols
+                for b in micro_batches:
+                    m = b * g.rows
+                    shapes |= {(m, inner, cols), (m, cols, inner), (inner, m, cols)}
+    return sorted(s for s in shapes if 2 * s[0] * s[1] * s[2] <= GEMM_MAX_FLOPS)
+
+
+def gemm_rows(shapes: list[tuple[int, int, int]], dtype: torch.dtype, device: torch.device,
+              together: bool = False) -> list[dict]:
+    """Achieved FLOP/s of ``A(M, K) @ B(K, N)`` per (M, K, N), on rank 0 alone (:func:`alone`) or, with
+    ``together``, with every rank running the same matmul at once (the slowest rank's time)."""
+    rows = []
+    for m, k, n in shapes:
+        a = torch.randn(m, k, dtype=dtype, device=device)
+        b = torch.randn(k, n, dtype=dtype, device=device)
+        if together:
+            if dist.is_initialized():
+                dist.barrier()
+            seconds = slowest(time_call(lambda: a @ b, device))
+        else:
+            seconds = alone(lambda: a @ b, device)
+        rows.append({"m": m, "k": k, "n": n, "flops_per_s": 2 * m * n * k / seconds})
+    return rows
+
+
+def elementwise_rows(dtype: torch.dtype, device: torch.device) -> list[dict]:
+    """Bytes per second the memory-bound kernels of a block move (rank 0 alone): a copy, an add, GELU,
+    layer norm and softmax over ``ELEMENTWISE_BYTES`` tensors (bytes = read + written)."""
+    n = ELEMENTWISE_BYTES // torch.tensor([], dtype=dtype).element_size()
+    x = torch.randn(n // 256, 256, dtype=dtype, device=device)
+    y = torch.randn_like(x)
+    out = torch.empty_like(x)
+    size = x.numel() * x.element_size()
+    kernels = {
+        "copy": (lambda: out.copy_(x), 2 * size),
+        "add": (lambda: torch.add(x, y, out=out), 3 * size),
+        "gelu": (lambda: torch.nn.functional.gelu(x), 2 * size),
+        "layer_norm": (lambda: torch.nn.functional.layer_norm(x, (256,)), 2 * size),
+        "softmax": (lambda: torch.softmax(x, dim=-1), 2 * size),
+    }
+    return [{"kernel": name, "bytes": moved, "bytes_per_s": moved / alone(fn, device)}
+            for name, (fn, moved) in kernels.items()]
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def overhead_rows(device: torch.device) -> dict[str, float]:
+    """Seconds of fixed cost per call (rank 0 alone; the barrier on every rank), each on a 1-element tensor
+    (so nothing but the call is timed):
+
+    - ``op_s``: one eager ATen op (dispatch);
+    - ``autograd_op_s``: one op recorded by autograd plus its backward node;
+    - ``module_s``: forward and backward of a 1 x 1 ``nn.Linear`` (module call, hooks, two autograd nodes);
+    - ``barrier_s``: ``dist.barrier()`` over every rank (0 without a process group).
+    """
+    x = torch.ones(1, device=device)
+    w = torch.ones(1, device=device, requires_grad=True)
+    lin = torch.nn.Linear(1, 1).to(device)
+
+    def autograd_op() -> None:
+        (w * 2.0).backward()
+
+    def module() -> None:
+        lin(x).sum().backward()
+
+    out = {"op_s": alone(lambda: x.add_(0.0), device), "autograd_op_s": alone(autograd_op, device),
+           "module_s": alone(module, device), "barrier_s": 0.0}
+    if dist.is_initialized():
+        out["barrier_s"] = slowest(time_call(dist.barrier, device, samples=3, collective=True))
+    return out
+
+
+SHARING_SHAPE = (512, 512, 512)
+"""The compute-bound matmul whose slowdown with every rank busy measures the sharing (0.27 GFLOP)."""
+
+
+def core_sharing(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """How many ranks share a core (CPU) or a device (GPU), counted and measured.
+
+    Counted: this node's ranks (torchrun's ``LOCAL_WORLD_SIZE``) times their threads over the cores this
+    process may run on (``os.sched_getaffinity``), or over the visible GPUs; at least 1. Measured: the
+    median time of a compute-bound matmul (:data:`SHARING_SHAPE`) with every rank running it at once (the
+    slowest rank's) over its median time on rank 0 alone: about 1 when ranks do not share, above the
+    counted ranks per core when sharing also costs caches and switches.
+    """
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device.type == "cuda":
+        units, unit = torch.cuda.device_count(), "devices"
+    else:
+        units = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        unit = "cores"
+    m, n, k = SHARING_SHAPE
+    a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+    if dist.is_initialized():
+        dist.barrier()
+    solo = _broadcast_float(time_call(lambda: a @ b, device, samples=2 * SAMPLES) if _rank() == 0 else 0.0)
+    if dist.is_initialized():
+        dist.barrier()
+    shared = slowest(time_call(lambda: a @ b, device, samples=2 * SAMPLES))
+    threads = 1 if device.type == "cuda" else torch.get_num_threads()
+    return {"ranks_per_node": local_world, unit: units, "threads_per_rank": threads,
+            "ranks_per_unit": max(1.0, local_world * threads / max(units, 1)), "shared_slowdown": shared / solo}
+
+
+def _broadcast_float(value: float) -> float:
+    """Rank 0's ``value`` on every rank."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
+def partitions(world: int, ranks_per_node: int) -> list[dict]:
+    """The groups plans communicate in, as partitions of the world run all at once: for every group size
+    g > 1 dividing the world, consecutive ranks (TP: innermost on the mesh) and, where different, ranks a
+    stride apart (the outer mesh axes: DP, PP). ``inter_node``: a group spans nodes."""
+    out = []
+    for g in range(2, world + 1):
+        if world % g:
+            continue
+        contiguous = [list(range(i, i + g)) for i in range(0, world, g)]
+        strided = [list(range(i, world, world // g)) for i in range(world // g)]
+        for kind, groups in (("contiguous", contiguous), ("strided", strided)):
+            if kind == "strided" and groups == contiguous:
+                continue
+            inter = any(len({r // ranks_per_node for r in grp}) > 1 for grp in groups)
+            out.append({"size": g, "layout": kind, "groups": groups, "inter_node": inter})
+    return out
+
+
+def collective_rows(world: int, ranks_per_node: int, device: torch.device, dtype: torch.dtype,
+                    sizes: tuple[int, ...] = MESSAGE_BYTES) -> list[dict]:
+    """Seconds of each collective in :data:`COLLECTIVES` per message size and partition (every group of the
+    partition at once). ``bytes`` is the size of the full (unsharded) tensor: what an all-reduce reduces,
+    what an all-gather outputs and a reduce-scatter inputs (the cost model's ``collective_s`` convention)."""
+    rows = []
+    elem = torch.tensor([], dtype=dtype).element_size()
+    for part in partitions(world, ranks_per_node):
+        handles = [dist.new_group(g) for g in part["groups"]]  # every rank creates every group, in order
+        mine = next(h for g, h in zip(part["groups"], handles) if _rank() in g)
+        g = part["size"]
+        for op in COLLECTIVES:
+            for nbytes in sizes:
+                n = max(g, nbytes // elem // g * g)
+                fn = _collective(op, n, g, mine, dtype, device)
+                dist.barrier()
+                seconds = slowest(time_call(fn, device, collective=True))
+                rows.append({"op": op, "group": g, "layout": part["layout"], "inter_node": part["inter_node"],
+                             "bytes": n * elem, "seconds": seconds})
+    return rows
+
+
+def _collective(op: str, n: int, g: int, group, dtype: torch.dtype, device: torch.device) -> Callable:
+    full = torch.ones(n, dtype=dtype, device=device)
+    shard = torch.ones(n // g, dtype=dtype, device=device)
+    if op == "all_reduce":
+        return lambda: dist.all_reduce(full, group=group)
+    if op == "all_gather":
+        return lambda: dist.all_gather_into_tensor(full, shard, group=group)
+    return lambda: dist.reduce_scatter_tensor(shard, full, group=group)
+
+
+def p2p_rows(world: int, ranks_per_node: int, device: torch.device, dtype: torch.dtype,
+             sizes: tuple[int, ...] = MESSAGE_BYTES) -> list[dict]:
+    """Seconds of one send/receive between pipeline neighbours, every pair at once: even ranks send to the
+    next rank, which receives (``stride`` 1: neighbours on one node; ``stride`` ranks_per_node: across
+    nodes when the job has several)."""
+    rows = []
+    elem = torch.tensor([], dtype=dtype).element_size()
+    strides = sorted({1, ranks_per_node} - {world}) if world > 1 else []
+    for stride in strides:
+        me = _rank()
+        sender = (me // stride) % 2 == 0
+        peer = me + stride if sender else me - stride
+        inter = me // ranks_per_node != peer // ranks_per_node
+        for nbytes in sizes:
+            buf = torch.ones(max(1, nbytes // elem), dtype=dtype, device=device)
+
+            def once() -> None:
+                (dist.send if sender else dist.recv)(buf, peer)
+
+            dist.barrier()
+            seconds = slowest(time_call(once, device, collective=True))
+            rows.append({"stride": stride, "inter_node": slowest(float(inter)) > 0, "bytes": buf.numel() * elem,
+                         "seconds": seconds})
+    return rows
+
+
+def runtime_memory_bytes(device: torch.device) -> float:
+    """Memory this rank's runtime takes before any model: on CUDA the device memory in use (context, NCCL,
+    cuBLAS) from ``torch.cuda.mem_get_info``; on CPU the process's resident set (torch, gloo buffers)."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)  # every process on the device: shared by its ranks
+        return float(total - free) / _ranks_per_device()
+    with open("/proc/self/statm") as f:
+        return float(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+
+
+def _ranks_per_device() -> int:
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, local // max(1, torch.cuda.device_count()))
+
+
+def block_rows(arch, seq_len: int, tps: list[int], micro_batches: list[int], dtype: torch.dtype,
+               device: torch.device) -> list[dict]:
+    """Forward and backward seconds of one transformer block of ``arch``, cut to one of ``tp`` TP shards
+    (autopar.profile.measured, the median of its iterations), per micro-batch size, on rank 0 alone."""
+    from autopar.profile.measured import profile_measured
+
+    rows = []
+    for tp in tps:
+        for mb in micro_batches:
+            if dist.is_initialized():
+                dist.barrier()
+            t = (profile_measured(arch, seq_len=seq_len, micro_batch_size=mb, tp=tp, device=str(device),
+                                  dtype=dtype, warmup=1, iters=SAMPLES) if _rank() == 0 else None)
+            fwd = _broadcast_float(t.fwd_s if t else 0.0)
+            bwd = _broadcast_float(t.bwd_s if t else 0.0)
+            flops = (_broadcast_float(t.fwd_flops if t else 0.0), _broadcast_float(t.bwd_flops if t else 0.0))
+            rows.append({"tp": tp, "micro_batch_size": mb, "fwd_s": fwd, "bwd_s": bwd, "fwd_flops": flops[0],
+                         "bwd_flops": flops[1]})
+    return rows
+
+
+ATTENTION_SEQ_LENS = (128, 512, 2048)
+ATTENTION_HEAD_DIMS = (32, 64, 128)
+ATTENTION_HEADS = 8
+"""Heads of one timed attention call (batch 1): the rate per FLOP barely depends on the count."""
+
+
+def attention_rows(dtype: torch.dtype, device: torch.device, seq_lens=ATTENTION_SEQ_LENS,
+                   head_dims=ATTENTION_HEAD_DIMS) -> list[dict]:
+    """Forward + backward of causal ``scaled_dot_product_attention`` (the fused kernel SDPA picks here), rank
+    0 alone, as FLOP/s counted the cost model's way (autopar.cost.kernels.core_s): the causal blocks'
+    ``4 s^2 d causal_fraction(s)`` per head forward and ``FUSED_ATTENTION_BWD_PER_FWD`` times that
+    backward, so the table's rate gives back the measured time."""
+    from autopar.cost.kernels import causal_fraction
+    from autopar.profile.analytic import FUSED_ATTENTION_BWD_PER_FWD
+
+    rows = []
+    for s in seq_lens:
+        for d in head_dims:
+            q, k, v = (torch.randn(1, ATTENTION_HEADS, s, d, dtype=dtype, device=device, requires_grad=True)
+                       for _ in range(3))
+            grad = torch.randn(1, ATTENTION_HEADS, s, d, dtype=dtype, device=device)
+
+            def step() -> None:
+                torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+
+            seconds = alone(step, device)
+            flops = 4.0 * s * s * d * ATTENTION_HEADS * causal_fraction(s) * (1 + FUSED_ATTENTION_BWD_PER_FWD)
+            rows.append({"seq_len": s, "head_dim": d, "flops_per_s": flops / seconds})
+    return rows
+
+
+OVERLAP_BYTES = 8 << 20
+"""The all-reduce whose overlap with compute is measured (a block's gradient bucket, about)."""
+
+
+def comm_overlap(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """How much of a collective hides behind compute, every rank at once: an 8 MiB all-reduce issued
+    asynchronously while the rank runs matmuls of about the same duration, against each alone:
+    ``overlap = (t_matmuls + t_all_reduce - t_both) / min(t_matmuls, t_all_reduce)``, clamped to [0, 1]
+    (1: the collective is free behind compute, NCCL on its own stream; 0: it takes the cores the compute
+    needs, gloo on CPU ranks that share them)."""
+    if not dist.is_initialized() or dist.get_world_size() < 2:
+        return {"comm_overlap": 1.0}
+    m, n, k = SHARING_SHAPE
+    a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+    buf = torch.ones(OVERLAP_BYTES // torch.tensor([], dtype=dtype).element_size(), dtype=dtype, device=device)
+    comm_s = slowest(time_call(lambda: dist.all_reduce(buf), device, collective=True))
+    one_s = slowest(time_call(lambda: a @ b, device))
+    count = max(1, round(comm_s / one_s))
+
+    def matmuls() -> None:
+        for _ in range(count):
+            a @ b
+
+    def both() -> None:
+        work = dist.all_reduce(buf, async_op=True)
+        matmuls()
+        work.wait()
+
+    dist.barrier()
+    mm_s = slowest(time_call(matmuls, device, collective=True))
+    both_s = slowest(time_call(both, device, collective=True))
+    overlap = (mm_s + comm_s - both_s) / min(mm_s, comm_s)
+    return {"comm_overlap": min(1.0, max(0.0, overlap)), "all_reduce_s": comm_s, "matmuls_s": mm_s,
+            "both_s": both_s}

@@ -1,0 +1,263 @@
+"""`autopar bench --compare` and the bench record, on JSON files (no run): a 20% slowdown fails with the
+layout and the figures, a rerun of the same results passes; fits, losses and the chosen plan are judged;
+the statistics (spread, ties, Spearman) are hand-worked. The calibrated cluster JSON's own fields are
+checked here too (the real `autopar calibrate` run is in tests/test_bench_run.py)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+
+from autopar.bench import results as R
+from autopar.bench.compare import compare, failed, parse_threshold
+from autopar.bench.report import markdown
+from autopar.errors import AutoparError
+
+TIMES = [[1.00, 1.02, 0.98, 1.01], [0.99, 1.03, 1.00, 1.00], [1.01, 0.97, 1.02, 1.00]]
+"""Three rounds of four steps: median 1.0 s, p25-p75 0.99-1.0125 (about 2% spread)."""
+
+
+def _entry(name: str, kind: str, scale: float = 1.0, predicted_s: float | None = 1.1, fits: bool = True,
+           losses=(10.9, 10.5, 10.1), digest: str = "abc") -> dict:
+    """A worker's layout entry (autopar.bench.bench_worker's output) with fabricated numbers."""
+    stage = {"memory_bytes": {"weights": 100.0, "grads": 100.0, "optimizer": 200.0, "activations": 550.0}}
+    predicted = None if predicted_s is None else {
+        "step_time_s": predicted_s, "fits": fits, "over_bytes": 0 if fits else 3 * 2**20, "mfu": 0.1,
+        "stages": [stage]}
+    memory = [{"params": 100, "grads": 100, "optimizer": 200, "activations": 500, "cuda_peak": None,
+               "counted": 900, "pp_rank": 0}]
+    return {"name": name, "kind": kind, "options": {}, "layout": None if kind == "ddp" else f"{name} plan",
+            "plan_digest": None if kind == "ddp" else digest, "planned": None, "plan": None,
+            "predicted": predicted, "times_s": [[t * scale for t in r] for r in TIMES], "losses": list(losses),
+            "memory": memory}
+
+
+def _record(**scales) -> dict:
+    entries = [_entry("autopar", "chosen", scales.get("autopar", 1.0)),
+               _entry("pinned dp=2 tp=2", "pinned", scales.get("pinned", 1.0), predicted_s=1.6),
+               _entry("ddp", "ddp", scales.get("ddp", 1.0), predicted_s=None)]
+    layouts = [R.layout_record(e, tokens_per_step=2048, reference_flops=R.mfu_flops(entries)) for e in entries]
+    return {"format": R.BENCH_FORMAT, "format_version": R.BENCH_FORMAT_VERSION, "command": "autopar bench (test)",
+            "when": "2026-11-30T00:00:00+00:00", "where": {"device": "cpu (test)"},
+            "job": {"model": "gpt2-test", "world_size": 4, "global_batch": 16, "seq_len": 128, "precision": "fp32"},
+            "settings": {"warmup": 1, "steps": 4, "rounds": 3, "interleaved": True}, "layouts": layouts,
+            "summary": R.summary(layouts)}
+
+
+def test_a_20_percent_slowdown_fails_naming_layout_and_figures():
+    base, slow = _record(), _record(pinned=1.2)
+    findings = compare(slow, base, max_regression=0.05)
+    assert failed(findings)
+    [f] = [f for f in findings if f.failed]
+    assert f.what == "slower" and f.layout.startswith("pinned dp=2 tp=2")
+    # the message names the plan and the figures: medians, spreads, the change and the threshold
+    assert "pinned dp=2 tp=2 (pinned dp=2 tp=2 plan) regressed: median step 1.2 s" in f.message
+    assert "against 1 s" in f.message and "+20.0%" in f.message and "+5%" in f.message
+
+
+def test_a_rerun_of_the_same_results_passes():
+    base = _record()
+    assert compare(copy.deepcopy(base), base, max_regression=0.05) == []
+    # 3% slower is inside a 5% threshold
+    assert not failed(compare(_record(autopar=1.03), base, max_regression=0.05))
+
+
+def test_a_slowdown_inside_the_measured_spread_is_reported_not_failed():
+    base = _record()
+    noisy = copy.deepcopy(base)
+    st = noisy["layouts"][0]["measured"]["step_time"]
+    st.update(median_s=1.08, p25_s=0.95, p75_s=1.3)  # +8% but the middle halves overlap
+    [f] = compare(noisy, base, max_regression=0.05)
+    assert f.what == "slower (noise)" and not f.failed and "inside the measured spread" in f.message
+
+
+def test_a_plan_that_stops_fitting_a_changed_loss_and_a_changed_choice_fail():
+    base = _record()
+    cur = copy.deepcopy(base)
+    cur["layouts"][1]["predicted"]["fits"] = False
+    cur["layouts"][1]["predicted"]["over_bytes"] = 3 * 2**20
+    cur["layouts"][0]["measured"]["losses"][2] = 10.2
+    cur["layouts"][0]["plan_digest"] = "def"
+    cur["layouts"][0]["layout"] = "dp4 mb1x4 zero3"
+    kinds = {f.what: f for f in compare(cur, base, max_regression=0.05)}
+    assert set(kinds) == {"fits no more", "loss", "chosen"} and all(f.failed for f in kinds.values())
+    assert "3 MiB over" in kinds["fits no more"].message
+    assert "step 2: 10.2 now, 10.1 in the baseline" in kinds["loss"].message
+    assert "dp4 mb1x4 zero3 (digest def) now" in kinds["chosen"].message
+
+
+def test_missing_layouts_are_noted_and_thresholds_parse():
+    base = _record()
+    cur = copy.deepcopy(base)
+    del cur["layouts"][1]
+    [f] = compare(cur, base, max_regression=0.05)
+    assert f.what == "missing" and not f.failed
+    assert parse_threshold("5%") == pytest.approx(0.05) and parse_threshold("0.2") == pytest.approx(0.2)
+    for bad in ("five", "0", "-3%", "2000%"):
+        with pytest.raises(AutoparError, match="--max-regression"):
+            parse_threshold(bad)
+    with pytest.raises(AutoparError, match="not an autopar bench record"):
+        compare({"format": "x"}, base, max_regression=0.05)
+
+
+def test_markdown_summary_for_a_ci_job():
+    base = _record()
+    text = markdown(_record(pinned=1.2), compare(_record(pinned=1.2), base, max_regression=0.05), "main.json")
+    assert text.startswith("### autopar bench — **FAIL**")
+    assert "| layout | plan | predicted s |" in text and "❌ pinned dp=2 tp=2" in text and "`main.json`" in text
+    assert "— pass" in markdown(base, [], "main.json")
+
+
+def test_statistics_hand_worked():
+    st = R.step_stats([[1.0, 2.0], [3.0, 4.0]])
+    assert (st["median_s"], st["p25_s"], st["p75_s"], st["round_medians_s"]) == (2.5, 1.75, 3.25, [1.5, 3.5])
+    # medians 1.0 and 1.05 lie within each other's spread: a tie; 2.0 stands alone
+    assert R.tie_groups([1.0, 1.05, 2.0], [(0.9, 1.1), (1.0, 1.2), (1.9, 2.1)]) == [1, 1, 2]
+    assert R.ranks([3.0, 1.0, 2.0]) == [3.0, 1.0, 2.0]
+    assert R.ranks([1.0, 1.05, 2.0], [1, 1, 2]) == [1.5, 1.5, 3.0]
+    assert R.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert R.spearman([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
+    # memory: predicted weights + grads + optimizer + activations = 950 against 900 counted
+    [check] = _record()["layouts"][0]["memory_check"]
+    assert check["ratio"] == pytest.approx(950 / 900)
+
+
+def test_summary_judges_the_choice_against_the_best_layout_and_ddp():
+    s = _record(pinned=0.8, ddp=0.9)["summary"]
+    assert s["regret"] == pytest.approx(0.25) and s["best_measured"] == "pinned dp=2 tp=2 plan"
+    assert s["vs_ddp"] == pytest.approx(1 / 0.9) and s["slower_than_ddp_beyond_spread"]
+
+
+def _autopar(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "autopar", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+def test_cli_compare_on_json_files(tmp_path):
+    """`autopar bench --from-json CURRENT --compare BASELINE`: exit 1 and the message on a 20% slowdown,
+    exit 0 on the same results; the markdown summary is appended."""
+    base, slow = tmp_path / "base.json", tmp_path / "slow.json"
+    base.write_text(json.dumps(_record()))
+    slow.write_text(json.dumps(_record(pinned=1.2)))
+    summary = tmp_path / "summary.md"
+    bad = _autopar("bench", "--from-json", str(slow), "--compare", str(base), "--max-regression", "5%",
+                   "--summary", str(summary))
+    assert bad.returncode == 1, bad.stderr
+    assert "FAIL pinned dp=2 tp=2 (pinned dp=2 tp=2 plan) regressed" in " ".join(bad.stdout.split())
+    assert "**FAIL**" in summary.read_text()
+    good = _autopar("bench", "--from-json", str(base), "--compare", str(base), "--plot", str(tmp_path / "p.png"))
+    assert good.returncode == 0, good.stderr
+    assert (tmp_path / "p.png").stat().st_size > 0
+    refused = _autopar("bench", "--from-json", str(base), "--max-regression", "lots")
+    assert refused.returncode == 2 and "--max-regression 'lots'" in refused.stderr
+
+
+def test_calibrated_cluster_json_round_trips():
+    """The measured fields autopar calibrate writes are read back, written and read again unchanged."""
+    from autopar.bench.calibrate import cluster_json
+    from autopar.cluster import cluster_from_dict, cluster_to_dict
+
+    data = cluster_json(_raw_calibration(), "autopar calibrate -n 2 --out c.json")
+    cluster = cluster_from_dict(json.loads(json.dumps(data)), name="c")
+    assert cluster.device.kind == "cpu" and cluster.ranks_per_device == 2.0 and cluster.shared_slowdown == 2.2
+    assert cluster.measured_collective("all_reduce", 2, False) == pytest.approx((1e-3, 1e9))
+    assert cluster.measured_send(False) == pytest.approx((1e-4, 2e9))
+    assert "autopar calibrate -n 2 --out c.json on testhost" in cluster.calibration
+    assert cluster.device.measured_matmul == ((128, 256, 256, pytest.approx(5e10)),)
+    # the scalar links are the fastest measured: the all-reduce's 1 ms over its 2 ring steps is 0.5 ms a
+    # step at 1 GB/s x 2 steps / 2 ranks; the send's 0.1 ms at 2 GB/s is faster on both counts
+    assert cluster.intra_node_latency_s == pytest.approx(1e-4) and cluster.intra_node_bytes_per_s == pytest.approx(2e9)
+    again = cluster_from_dict(json.loads(json.dumps(cluster_to_dict(cluster))), name="c")
+    assert again.calibration == cluster.calibration and again.device.kind == "cpu"
+    for f in ("ranks_per_device", "shared_slowdown"):
+        assert getattr(again, f) == getattr(cluster, f)
+    for f in ("measured_collectives", "measured_p2p", "measured_overheads_s", "device"):
+        old, new = (getattr(c, f) if f != "device" else c.device.measured_matmul for c in (cluster, again))
+        assert len(old) == len(new) > 0
+        for a, b in zip(old, new):
+            assert [v for v in b if not isinstance(v, float)] == [v for v in a if not isinstance(v, float)]
+            assert [v for v in b if isinstance(v, float)] == pytest.approx([v for v in a if isinstance(v, float)])
+
+
+def test_measured_links_are_checked():
+    from autopar.bench.calibrate import cluster_json
+    from autopar.cluster import cluster_from_dict
+
+    data = cluster_json(_raw_calibration(), "test")
+    data["measured"]["collectives"][0][4] = 0
+    with pytest.raises(AutoparError, match=r"measured.collectives\[0\]=.*GBps > 0"):
+        cluster_from_dict(data, name="c")
+    data = cluster_json(_raw_calibration(), "test")
+    data["measured"]["format_version"] = 9
+    with pytest.raises(AutoparError, match="format_version 1"):
+        cluster_from_dict(data, name="c")
+
+
+def test_fit_line_recovers_latency_and_bandwidth():
+    from autopar.bench.calibrate import fit_line
+
+    points = [(n, 2e-4 + n / 1.5e9) for n in (256, 4096, 65536, 1 << 20, 8 << 20)]
+    latency, rate = fit_line(points)
+    assert latency == pytest.approx(2e-4, rel=1e-6) and rate == pytest.approx(1.5e9, rel=1e-6)
+
+
+def _raw_calibration() -> dict:
+    """A calibrate worker's raw record, small (autopar.bench.calibrate_worker's shape)."""
+    rows = [{"op": "all_reduce", "group": 2, "layout": "contiguous", "inter_node": False, "bytes": n,
+             "seconds": 1e-3 + n / 1e9} for n in (256, 65536, 8 << 20)]
+    sends = [{"stride": 1, "inter_node": False, "bytes": n, "seconds": 1e-4 + n / 2e9} for n in (256, 8 << 20)]
+    return {"where": {"host": "testhost", "device_type": "cpu", "device_name": "test cpu",
+                      "device_memory_bytes": 8 * 2**30, "world_size": 2, "ranks_per_node": 2, "nodes": 1,
+                      "backend": "gloo", "torch": "2.13.0"},
+            "dtype": "fp32", "when": "2026-11-30T00:00:00+00:00", "runtime_memory_bytes": 2**28,
+            "sharing": {"ranks_per_unit": 2.0, "shared_slowdown": 2.2},
+            "overheads": {"op_s": 3e-6, "autograd_op_s": 2.5e-5, "module_s": 6e-5, "barrier_s": 1e-3},
+            "gemm": [{"m": 128, "k": 256, "n": 256, "flops_per_s": 5e10}],
+            "attention": [{"seq_len": 128, "head_dim": 64, "flops_per_s": 4e10}],
+            "elementwise": [{"kernel": "copy", "bytes": 1, "bytes_per_s": 2e10},
+                            {"kernel": "gelu", "bytes": 1, "bytes_per_s": 4e9}],
+            "collectives": rows, "p2p": sends, "blocks": []}
+
+
+def _calibrated_cpu(world: int = 4):
+    from autopar.bench.calibrate import cluster_json
+    from autopar.cluster import cluster_from_dict
+
+    raw = _raw_calibration()
+    raw["where"] |= {"world_size": world, "ranks_per_node": world}
+    raw["collectives"] += [dict(r, group=4) for r in raw["collectives"]]
+    raw["overlap"] = {"comm_overlap": 0.1}
+    return cluster_from_dict(cluster_json(raw, "test"), name="calibrated")
+
+
+def test_the_cost_model_prices_a_calibrated_cluster_by_its_measurements():
+    """Measured collectives and sends replace the links; ranks sharing cores bound a data-parallel step by
+    the shared compute ([Note: ranks sharing a device]); the planner's bounds stay below the exact costs."""
+    from autopar.cost.layers import collective_s, send_s
+    from autopar.cost.model import estimate
+    from autopar.plan.search import Planner
+    from autopar.plan.space import enumerate_candidates
+    from autopar.plan.types import Pins, Precision
+    from autopar.profile.analytic import profile_analytic
+    from autopar.profile.config import arch_from_dict
+
+    cluster = _calibrated_cpu()
+    # 1 ms + 8 MiB / 1 GB/s, twice: the measured all-reduce over 2 ranks, no efficiency factor
+    assert collective_s(2 * 8 * 2**20, 2, 2, False, cluster, 0.8) == pytest.approx(2e-3 + 16 * 2**20 / 1e9)
+    assert send_s(2**20, False, cluster, 0.8) == pytest.approx(1e-4 + 2**20 / 2e9)
+    arch = arch_from_dict("tiny-gpt", {"model_type": "gpt2", "n_embd": 128, "n_layer": 4, "n_head": 4,
+                                       "vocab_size": 1024, "n_positions": 128})
+    profile = profile_analytic(arch, seq_len=128, dtype_bytes=4, device_type="cpu")
+    pins = Pins(precision=Precision.FP32)
+    planner = Planner(profile, cluster, global_batch_size=8, pins=pins)
+    for cand in enumerate_candidates(profile, cluster, global_batch_size=8, pins=pins):
+        ev = planner.evaluate(cand)
+        assert planner.lower_bound(cand)[0] <= ev.cost.step_time_s * (1 + 1e-9), cand
+        if cand.pp == 1 and cand.dp == 4:  # every rank computes all step long: the shared rate
+            cost = estimate(profile, cluster, ev.plan)
+            busy = ev.plan.num_microbatches * cost.stages[0].compute_s
+            assert cost.step_time_s >= 2.2 * busy and cost.extras["sharing_s"] > 0
