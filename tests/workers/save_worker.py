@@ -52,6 +52,10 @@ def main() -> None:
             result = {"error": str(err)}
         result["seconds"] = time.perf_counter() - start
         (out / "rank0_only.json").write_text(json.dumps(result))
+    else:  # the others skip the save but stay alive until rank 0 is done (their exit could race its store)
+        deadline = time.perf_counter() + 60
+        while not (out / "rank0_only.json").exists() and time.perf_counter() < deadline:
+            time.sleep(0.2)
 
 
 if __name__ == "__main__":
