@@ -11,6 +11,7 @@ describes the job for ``autopar.launch.launch_cluster``, the function
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass, replace
@@ -65,9 +66,17 @@ def detect_runtime() -> Runtime:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        atexit.register(_destroy_process_group)  # the group autopar made is shut down before the interpreter
     if dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
     return replace(rt, rank=rank, world_size=world)
+
+
+def _destroy_process_group() -> None:
+    """Shut the process group down at exit (no collective): a gloo group torn down by the interpreter while
+    its peers have already gone can abort the process."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def cuda_device_spec(device: torch.device) -> DeviceSpec:
