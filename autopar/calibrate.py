@@ -45,6 +45,11 @@ COMPOSER_FSDP = CostOptions(dp_backward_prefetch=False)
 default ``backward_prefetch='BACKWARD_POST'`` and ``forward_prefetch=False`` (composer ``FSDPConfig``;
 llm-foundry's yamls keep both), overlapping its forward gathers and priced otherwise as autopar's own."""
 
+COMPOSER_FSDP_PURE = CostOptions(dp_backward_prefetch=False, dp_reduce_bytes=2)
+"""The same under Composer's ``mixed_precision: PURE`` (composer ``mosaic_fsdp_utils.get_mixed_precision``:
+``MixedPrecision(param_dtype=reduce_dtype=buffer_dtype=bf16)`` over the fp32 model): fp32 sharded master
+weights, gradients and AdamW state, bf16 gathers, and a bf16 reduce-scatter (2 bytes a gradient element)."""
+
 MEGATRON_DROPOUT = 0.1
 """Megatron-LM's default attention and hidden dropout (arguments.py)."""
 
@@ -151,8 +156,8 @@ def predict_unpinned(run: PublishedRun, opts: CostOptions | None = None):
 # Table 1's), the cluster (the GPU's preset, the row's GPUs per node and node NIC bandwidth), and the pinned
 # layout with the run's stated features: FSDP FULL_SHARD is ZeRO 3 with FSDP's prefetch and overlapped
 # reduce-scatter (autopar's own runtime); "amp_bf16 / DEFAULT" is bf16_mixed (fp32 master weights, bf16
-# compute and gathers, fp32 reduction, as FSDP's MixedPrecision(bf16, fp32) runs it), "bf16 / PURE" is pure
-# bf16; Megatron-LM's runs keep the Table 1 runtime (MEGATRON_2021: sends split over the TP ranks; no data
+# compute and gathers, fp32 reduction, as FSDP's MixedPrecision(bf16, fp32) runs it), "bf16 / PURE" the
+# same with a bf16 reduction (COMPOSER_FSDP_PURE); Megatron-LM's runs keep the Table 1 runtime (MEGATRON_2021: sends split over the TP ranks; no data
 # parallelism in these rows). The step time is the published iteration time, else tokens per batch over
 # tokens per second.
 
@@ -189,7 +194,8 @@ def _run_2(case: dict) -> PublishedRun:
     return PublishedRun(
         id=case["id"], profile=profile, cluster_gpus=gpus, global_batch_size=B, pins=pins,
         iteration_time_s=time_s, tflops_per_gpu=hardware_flops / time_s / gpus / 1e12, group=case["group"],
-        cluster=_cluster_2(hw), runtime=COMPOSER_FSDP if par.get("fsdp") else MEGATRON_2021,
+        cluster=_cluster_2(hw), runtime=(COMPOSER_FSDP_PURE if "PURE" in case["precision"] else COMPOSER_FSDP)
+        if par.get("fsdp") else MEGATRON_2021,
         unsupported=_unsupported_2(case, a, par), model_type="mpt" if mpt else "gpt2")
 
 
@@ -214,7 +220,7 @@ def _profile_2(name: str, a: dict, mpt: bool) -> ModelProfile:
 def _pins_2(case: dict, par: dict, micro_batch_size: int) -> Pins:
     vp = par["vp"] or 1
     recompute = _RECOMPUTE[par["recompute"].split(" ")[0]]
-    precision = Precision.BF16 if "PURE" in case["precision"] else Precision.BF16_MIXED
+    precision = Precision.BF16_MIXED  # "PURE" too: fp32 master weights under FSDP's bf16 policy (COMPOSER_FSDP_PURE)
     return Pins(tp=par["tp"], pp=par["pp"], dp=par["dp"], micro_batch_size=micro_batch_size, virtual_stages=vp,
                 schedule=Schedule.INTERLEAVED_1F1B if vp > 1 else Schedule.ONE_F_ONE_B, recompute=recompute,
                 zero_stage=par["zero_stage"] or 0, sequence_parallel=bool(par["sequence_parallel"]) and par["tp"] > 1,

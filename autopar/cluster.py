@@ -81,9 +81,11 @@ class DeviceSpec:
     measured_matmul: tuple[tuple[int, int, int, float], ...] = ()
     """Measured (M, K, N, FLOP/s) of single bf16 matmuls on this device; when present they replace the
     tile model (docs/clusters.md, "Measured kernels"; ``autopar explain --measure``, ``autopar calibrate``)."""
-    measured_attention: tuple[tuple[int, int, float], ...] = ()
-    """Measured (seq_len, head_dim, FLOP/s, causal FLOPs) of the fused attention kernel's forward and backward;
-    when present they replace ``attention_ceiling``."""
+    measured_attention: tuple[tuple[int, int, int, float], ...] = ()
+    """Measured (seq_len, head_dim, batch_heads, FLOP/s) of the fused attention kernel's forward and backward,
+    counting the causal blocks' FLOPs; ``batch_heads`` (sequences x heads of one call, 0 if not recorded)
+    matters as much as the shape: a kernel call of few heads leaves most of a GPU idle. When present they
+    replace ``attention_ceiling``."""
 
     def __hash__(self) -> int:
         """Computed once: the kernel models cache by device (autopar.cost.kernels), and a measured table
@@ -320,7 +322,8 @@ def measured_kernels_from_dict(data, where: str, peak_tflops: float) -> tuple[tu
     (:attr:`DeviceSpec.measured_matmul`, :attr:`DeviceSpec.measured_attention`); absent: ((), ()).
 
     Raises:
-        AutoparError: a row that is not ``[M, K, N, TFLOP/s]`` / ``[seq_len, head_dim, TFLOP/s]`` of positive
+        AutoparError: a row that is not ``[M, K, N, TFLOP/s]`` / ``[seq_len, head_dim, batch_heads, TFLOP/s]``
+            (``batch_heads`` may be left out) of positive
             numbers, a dimension past 2**24, a rate above ``peak_tflops``, or more than 4096 rows; the message
             names the row, the rule and the fix.
     """
@@ -331,13 +334,19 @@ def measured_kernels_from_dict(data, where: str, peak_tflops: float) -> tuple[tu
                            '{"source": ..., "matmul": [[M, K, N, TFLOP/s], ...], "attention": [...]}; '
                            "see docs/clusters.md, Measured kernels")
     tables = []
-    for key, columns in (("matmul", ("M", "K", "N")), ("attention", ("seq_len", "head_dim"))):
+    for key, columns in (("matmul", ("M", "K", "N")), ("attention", ("seq_len", "head_dim", "batch_heads"))):
         rows = data.get(key) or []
         if not isinstance(rows, list) or len(rows) > MAX_MEASURED_POINTS:
             raise AutoparError(f"{where}: device.measured.{key} must be a list of at most {MAX_MEASURED_POINTS} "
                                f"rows [{', '.join(columns)}, TFLOP/s]; write fewer, larger shapes")
-        tables.append(tuple(_measured_row(row, f"device.measured.{key}[{i}]", columns, where, peak_tflops)
-                            for i, row in enumerate(rows)))
+        table = []
+        for i, row in enumerate(rows):
+            cols = columns
+            if key == "attention" and isinstance(row, list) and len(row) == 3:  # batch_heads not recorded
+                cols, row = columns[:2], row
+            parsed = _measured_row(row, f"device.measured.{key}[{i}]", cols, where, peak_tflops)
+            table.append(parsed if len(parsed) == len(columns) + 1 else (*parsed[:2], 0, parsed[2]))
+        tables.append(tuple(table))
     return tables[0], tables[1]
 
 
@@ -365,7 +374,8 @@ def measured_kernels_to_dict(device: DeviceSpec, source: str) -> dict:
     what ``autopar explain --measure`` and ``autopar calibrate`` write into a cluster JSON."""
     return {"source": source,
             "matmul": [[m, k, n, round(r / 1e12, 3)] for m, k, n, r in device.measured_matmul],
-            "attention": [[s, d, round(r / 1e12, 3)] for s, d, r in device.measured_attention]}
+            "attention": [[s, d, *([bh] if bh else []), round(r / 1e12, 3)]
+                          for s, d, bh, r in device.measured_attention]}
 
 
 MEASURED_FORMAT_VERSION = 1

@@ -38,9 +38,18 @@ def python(script: str, *args: str, timeout: float = 120, extra_env: dict | None
                           env=worker_env(**(extra_env or {})))
 
 
+FIRST_ERROR_MARKS = ("Traceback (most recent call last)", "terminate called", "what():", "Fatal Python error",
+                     "Aborted", "[E", "Error")
+"""Lines that start a rank's own report (a Python traceback, a C++ abort) before torchrun's summary."""
+
+
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    """Fail the test with the worker's output tail if it failed."""
+    """Fail the test with the first error lines of the worker's output (a rank's own traceback or C++
+    abort message, which torchrun's long summary pushes out of any tail) and the output's tail."""
     if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-        raise AssertionError(f"worker exited {proc.returncode}:\n{tail}")
+        lines = (proc.stdout + "\n" + proc.stderr).splitlines()
+        first = next((i for i, line in enumerate(lines) if any(m in line for m in FIRST_ERROR_MARKS)), None)
+        head = lines[first:first + 30] if first is not None else []
+        tail = "\n".join(lines[-25:])
+        raise AssertionError(f"worker exited {proc.returncode}:\n" + "\n".join(head) + "\n...\n" + tail)
     return proc

@@ -129,7 +129,9 @@ def test_dev_set_2_rows_by_hand():
         8, 35, 3, True, Recompute.SELECTIVE)
     assert kor.iteration_time_s == 37.83 and kor.runtime.sp_regather
     pure = runs["mpt_13b_a100_40gb_128gpu_s2048"]
-    assert PINNED[pure.id].plan.precision is Precision.BF16 and dev_cluster(pure).device.memory_bytes == 40 * 2**30
+    # Composer's PURE: FSDP's bf16 policy over the fp32 model (fp32 master state), a bf16 reduce-scatter
+    assert PINNED[pure.id].plan.precision is Precision.BF16_MIXED and dev_cluster(pure).device.memory_bytes == 40 * 2**30
+    assert pure.runtime.dp_reduce_bytes == 2 and mpt.runtime.dp_reduce_bytes is None
 
 
 def test_a_run_autopar_cannot_price_says_so_in_one_line(tmp_path):
@@ -190,7 +192,7 @@ def test_matmul_and_attention_efficiency_never_exceed_one():
     rng = random.Random(10)
     measured = replace(PRESETS["h100-80gb"].device,
                        measured_matmul=((4096, 4096, 4096, 800e12), (128, 128, 128, 40e12)),
-                       measured_attention=((2048, 128, 300e12),))
+                       measured_attention=((2048, 128, 0, 300e12),))
     unanchored = replace(PRESETS["a100-80gb"].device, matmul_ceiling=1.0, matmul_ceiling_shape=(64, 64, 64))
     devices = [PRESETS["a100-40gb"].device, PRESETS["h100-80gb"].device, measured, unanchored]
     for _ in range(3000):
@@ -293,13 +295,31 @@ def test_fsdp_overlap_by_phase_and_without_backward_prefetch():
 def test_measured_tables_round_trip_and_replace_the_model():
     cluster = PRESETS["h100-80gb"].with_gpus(16)
     device = replace(cluster.device, measured_matmul=((4096, 4096, 4096, 700e12), (1024, 1024, 1024, 300e12)),
-                     measured_attention=((2048, 128, 350e12),))
+                     measured_attention=((2048, 128, 0, 350e12),))
     data = cluster_to_dict(replace(cluster, device=device, nics_per_node=4), source="test")
     back = cluster_from_dict(data, "back")
     assert back.device.measured_matmul == device.measured_matmul and back.nics_per_node == 4
     assert K.matmul_efficiency(back.device, 3000, 5000, 4096) == pytest.approx(700 / 989)
     assert K.matmul_efficiency(back.device, 1000, 900, 1100) == pytest.approx(300 / 989)
     assert K.attention_efficiency(back.device, 4096, 128) == pytest.approx(350 / 989)
+
+
+def test_attention_rows_keep_batch_heads_and_price_by_it():
+    """A row of few heads (a GPU mostly idle) must not price a micro-batch of many: the call's sequences x
+    heads is a dimension of the attention table; a row written without it (3 columns) still reads."""
+    cluster = PRESETS["h100-80gb"].with_gpus(8)
+    raw = cluster_to_dict(cluster, source="test")
+    raw["device"]["measured"] = {"source": "test", "matmul": [],
+                                 "attention": [[2048, 64, 8, 88.0], [2048, 64, 256, 450.0], [4096, 128, 300.0]]}
+    back = cluster_from_dict(raw, "bh")
+    assert back.device.measured_attention[2] == (4096, 128, 0, 300e12)
+    assert K.attention_efficiency(back.device, 2048, 64, 8) == pytest.approx(88 / 989)
+    assert K.attention_efficiency(back.device, 2048, 64, 8 * 32) == pytest.approx(450 / 989)
+    assert cluster_from_dict(cluster_to_dict(back, source="again"), "again").device.measured_attention == \
+        back.device.measured_attention
+    core = AttentionCore(seq_len=2048, head_dim=64, heads=32, kernel="fused")
+    one, eight = (K.core_s(core, back.device, 1, b, 2.5)[0] for b in (1, 8))
+    assert one > eight  # per sequence: 32 heads of one sequence sit nearer the 8-head row than 256 do
 
 
 @pytest.mark.parametrize("row,message", [

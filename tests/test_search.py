@@ -342,3 +342,20 @@ def test_a_short_search_prints_no_progress(capsys):
     profile = profile_analytic(_gpt(), seq_len=512)
     search(profile, _cluster(8, 6), global_batch_size=32, progress=True, alternatives=False)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("pp,v", [(4, 1), (2, 2)])
+def test_final_norm_is_planned_on_the_head_stage_where_the_executor_runs_it(pp, v):
+    """A heavy LM head (large vocabulary) gets a chunk of its own; the final norm goes with it, as the
+    executor's last stage applies norm then head, and the plan's price is that split's."""
+    from autopar.cost.model import estimate
+
+    profile = profile_analytic(_gpt(layers=8, vocab=65536), seq_len=512)
+    cluster = _cluster(pp * 2, 40)
+    schedule = Schedule.INTERLEAVED_1F1B if v > 1 else Schedule.ONE_F_ONE_B
+    pins = Pins(pp=pp, tp=1, dp=2, virtual_stages=v, schedule=schedule)
+    result = search(profile, cluster, global_batch_size=16, pins=pins, alternatives=False, robust=False)
+    last = result.best.plan.stages[-1].layers
+    assert last[-2:] == ("transformer.ln_f", "lm_head"), result.best.plan.stages
+    again = estimate(profile, cluster, result.best.plan)
+    assert again.step_time_s == pytest.approx(result.best.cost.step_time_s, rel=1e-9)

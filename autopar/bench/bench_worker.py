@@ -236,7 +236,8 @@ def _device() -> torch.device:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if "OMP_NUM_THREADS" in os.environ:  # job_env: one per rank where ranks share the node
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     # FSDP2 roots return logits (a view) that nothing modifies in place; DDP's own notices: noise here
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
     backend = "nccl" if torch.cuda.is_available() else "gloo"

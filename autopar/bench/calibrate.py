@@ -76,8 +76,8 @@ def cluster_json(raw: dict, command: str) -> dict:
         "context_gib": raw["runtime_memory_bytes"] / GIB, "matmul_ceiling": 1.0,
         "measured": {"source": calibration,
                      "matmul": [[r["m"], r["k"], r["n"], r["flops_per_s"] / 1e12] for r in gemm],
-                     "attention": [[r["seq_len"], r["head_dim"], r["flops_per_s"] / 1e12]
-                                   for r in raw.get("attention", [])]},
+                     "attention": [[r["seq_len"], r["head_dim"], *([r["batch_heads"]] if "batch_heads" in r else []),
+                                    r["flops_per_s"] / 1e12] for r in raw.get("attention", [])]},
     }
     data = {
         "format": CLUSTER_FORMAT, "nodes": where["nodes"], "gpus_per_node": where["ranks_per_node"],
@@ -153,7 +153,7 @@ def run_calibrate(*, nproc: int, out: Path, models: list[str] = (), seq_len: int
             target.append("--quick")
         cmd = torchrun_command(nproc, target, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
                                rdzv_id=rdzv_id)
-        run_job(cmd, "calibrate", env=job_env())
+        run_job(cmd, "calibrate", env=job_env(nproc))
         if not raw_path.is_file():
             return None
         data = cluster_json(json.loads(raw_path.read_text()), command)

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 from autopar.errors import AutoparError
 
@@ -48,11 +49,14 @@ def torchrun_command(nproc: int, target: list[str], *, nnodes: str = "1", node_r
     return [*argv, *target]
 
 
-def job_env(extra: dict | None = None) -> dict:
-    """The workers' environment: one thread per rank unless the user set OMP_NUM_THREADS (torchrun's own
-    default for several processes), unbuffered output."""
+def job_env(nproc: int, extra: dict | None = None) -> dict:
+    """The workers' environment, as ``autopar run`` gives a script: one thread per rank where several ranks
+    share the node, unless the user set OMP_NUM_THREADS (torchrun's own default), every core for a single
+    rank (a GPU rank's host-side work, such as initialising a model on the CPU, then uses the whole host);
+    unbuffered output."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    env.setdefault("OMP_NUM_THREADS", "1")
+    if nproc > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra or {})
     return env
 
@@ -69,7 +73,8 @@ def run_job(cmd: list[str], what: str, *, env: dict | None = None, quiet: bool =
     console = Console(stderr=True)
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     lines: list[str] = []
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env or job_env())
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env or os.environ)
     timer = threading.Timer(timeout_s, proc.kill) if timeout_s else None
     if timer:
         timer.start()
@@ -78,8 +83,14 @@ def run_job(cmd: list[str], what: str, *, env: dict | None = None, quiet: bool =
             for line in proc.stdout:
                 line = line.rstrip("\n")
                 if line.startswith(PROGRESS):
-                    if not quiet:
-                        status.update(f"{what}: {line[len(PROGRESS):]}")
+                    if quiet:
+                        continue
+                    text = f"{what}: {line[len(PROGRESS):]}"
+                    if console.is_terminal:
+                        status.update(text)
+                    else:  # a log (CI, a pipe): the spinner draws nothing there, so one line per step
+                        console.print(f"[{time.monotonic() - started:6.1f} s] {text}", markup=False,
+                                      highlight=False, soft_wrap=True)
                     continue
                 tail.append(line)
                 lines.append(line)

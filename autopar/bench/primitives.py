@@ -147,8 +147,8 @@ def gemm_rows(shapes: list[tuple[int, int, int]], dtype: torch.dtype, device: to
 
 def elementwise_rows(dtype: torch.dtype, device: torch.device) -> list[dict]:
     """Bytes per second the memory-bound kernels of a block move (rank 0 alone): a copy, an add, GELU,
-    layer norm and softmax over ``ELEMENTWISE_BYTES`` tensors (bytes = read + written)."""
-    n = ELEMENTWISE_BYTES // torch.tensor([], dtype=dtype).element_size()
+    layer norm and softmax over :func:`elementwise_bytes` tensors (bytes = read + written)."""
+    n = elementwise_bytes(device) // torch.tensor([], dtype=dtype).element_size()
     x = torch.randn(n // 256, 256, dtype=dtype, device=device)
     y = torch.randn_like(x)
     out = torch.empty_like(x)
@@ -162,6 +162,16 @@ def elementwise_rows(dtype: torch.dtype, device: torch.device) -> list[dict]:
     }
     return [{"kernel": name, "bytes": moved, "bytes_per_s": moved / alone(fn, device)}
             for name, (fn, moved) in kernels.items()]
+
+
+def elementwise_bytes(device: torch.device) -> int:
+    """Size of the element-wise kernels' tensors: ``ELEMENTWISE_BYTES``, and on a GPU at least four times its
+    L2 cache (an H200's 60 MB L2 holds a 32 MiB tensor, and a kernel of a few microseconds there times its
+    launch, not the memory: 1.6 TB/s was read that way against the 4.3 TB/s a copy moves)."""
+    if device.type == "cuda":
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+        return max(ELEMENTWISE_BYTES, 4 * int(l2))
+    return ELEMENTWISE_BYTES
 
 
 def _rank() -> int:
@@ -349,32 +359,41 @@ def block_rows(arch, seq_len: int, tps: list[int], micro_batches: list[int], dty
 
 ATTENTION_SEQ_LENS = (128, 512, 2048)
 ATTENTION_HEAD_DIMS = (32, 64, 128)
-ATTENTION_HEADS = 8
+ATTENTION_BATCH_HEADS = (8, 64, 512)
+"""Sequences x heads of one attention call (one sequence of 8 heads up to a micro-batch of 16 x 32): the
+kernel spreads (batch x heads x query blocks) over the device's cores, so few heads leave a GPU mostly idle
+(seen on an H200: 88 TFLOP/s at 8 heads of 2048 x 64, where a block of 8 x 32 heads ran at about 450)."""
+ATTENTION_MAX_FLOPS = {"cpu": GEMM_MAX_FLOPS, "cuda": 1e13}
+"""Largest attention call timed (forward + backward FLOPs) per device type: a CPU core's 0.2-0.5 s, a GPU's
+few milliseconds; larger ones are priced at the nearest timed point."""
 """Heads of one timed attention call (batch 1): the rate per FLOP barely depends on the count."""
 
 
 def attention_rows(dtype: torch.dtype, device: torch.device, seq_lens=ATTENTION_SEQ_LENS,
-                   head_dims=ATTENTION_HEAD_DIMS) -> list[dict]:
+                   head_dims=ATTENTION_HEAD_DIMS, batch_heads=ATTENTION_BATCH_HEADS) -> list[dict]:
     """Forward + backward of causal ``scaled_dot_product_attention`` (the fused kernel SDPA picks here), rank
-    0 alone, as FLOP/s counted the cost model's way (autopar.cost.kernels.core_s): the causal blocks'
-    ``4 s^2 d causal_fraction(s)`` per head forward and ``FUSED_ATTENTION_BWD_PER_FWD`` times that
-    backward, so the table's rate gives back the measured time."""
+    0 alone, over ``batch_heads`` sequences x heads, as FLOP/s counted the cost model's way
+    (autopar.cost.kernels.core_s): the causal blocks' ``4 s^2 d causal_fraction(s)`` per head forward and
+    ``FUSED_ATTENTION_BWD_PER_FWD`` times that backward, so the table's rate gives back the measured time."""
     from autopar.cost.kernels import causal_fraction
     from autopar.profile.analytic import FUSED_ATTENTION_BWD_PER_FWD
 
     rows = []
     for s in seq_lens:
         for d in head_dims:
-            q, k, v = (torch.randn(1, ATTENTION_HEADS, s, d, dtype=dtype, device=device, requires_grad=True)
-                       for _ in range(3))
-            grad = torch.randn(1, ATTENTION_HEADS, s, d, dtype=dtype, device=device)
+            for bh in batch_heads:
+                flops = 4.0 * s * s * d * bh * causal_fraction(s) * (1 + FUSED_ATTENTION_BWD_PER_FWD)
+                if flops > ATTENTION_MAX_FLOPS.get(device.type, GEMM_MAX_FLOPS) and bh != min(batch_heads):
+                    continue
+                q, k, v = (torch.randn(1, bh, s, d, dtype=dtype, device=device, requires_grad=True)
+                           for _ in range(3))
+                grad = torch.randn(1, bh, s, d, dtype=dtype, device=device)
 
-            def step() -> None:
-                torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+                def step() -> None:
+                    torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
 
-            seconds = alone(step, device)
-            flops = 4.0 * s * s * d * ATTENTION_HEADS * causal_fraction(s) * (1 + FUSED_ATTENTION_BWD_PER_FWD)
-            rows.append({"seq_len": s, "head_dim": d, "flops_per_s": flops / seconds})
+                seconds = alone(step, device)
+                rows.append({"seq_len": s, "head_dim": d, "batch_heads": bh, "flops_per_s": flops / seconds})
     return rows
 
 

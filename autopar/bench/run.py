@@ -93,7 +93,7 @@ def run_synthetic(req: BenchRequest, job: Job, layouts: list[Layout]) -> list[di
                 "out": str(Path(tmp) / "out.json")}
         (Path(tmp) / "spec.json").write_text(json.dumps(spec))
         cmd = torchrun_command(req.nproc, ["-m", "autopar.bench.bench_worker", str(Path(tmp) / "spec.json")])
-        run_job(cmd, "bench", env=job_env())
+        run_job(cmd, "bench", env=job_env(req.nproc))
         raw = json.loads(Path(spec["out"]).read_text())
     for entry, layout in zip(raw["layouts"], layouts):
         entry["planned"] = layout.planned

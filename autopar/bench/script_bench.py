@@ -27,7 +27,7 @@ def launch_script(req, layout: Layout, folder: Path, tag: str) -> list[dict]:
     out = folder / tag
     target = ["-m", "autopar.bench.script_worker", str(out), str(req.warmup), str(req.steps), str(req.script),
               *req.script_args]
-    env = job_env({OPTIONS_ENV: json.dumps({"log_every": 0, **layout.options})})
+    env = job_env(req.nproc, {OPTIONS_ENV: json.dumps({"log_every": 0, **layout.options})})
     run_job(torchrun_command(req.nproc, target), f"bench {layout.name}", env=env)
     files = sorted(folder.glob(f"{tag}.rank*.json"), key=lambda p: int(p.suffixes[-2][5:]))
     if len(files) != req.nproc:

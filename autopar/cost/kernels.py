@@ -95,17 +95,21 @@ def _measured_matmul(device: DeviceSpec, m: int, k: int, n: int) -> float:
 
 
 @lru_cache(maxsize=65536)
-def attention_efficiency(device: DeviceSpec, seq_len: int, head_dim: int) -> float:
+def attention_efficiency(device: DeviceSpec, seq_len: int, head_dim: int, batch_heads: int = 0) -> float:
     """Achieved fraction of peak of the fused attention kernel (forward and backward, causal FLOPs): the
-    device's measured table (nearest (seq_len, head_dim) in log space) or its ``attention_ceiling``."""
+    device's measured table (nearest (seq_len, head_dim, batch_heads) in log space; ``batch_heads``, the
+    sequences x heads of one call, where both the row and the query know it) or its ``attention_ceiling``."""
     if not device.measured_attention:
         return device.attention_ceiling
 
     def distance(point) -> float:
-        return math.log(point[0] / seq_len) ** 2 + math.log(point[1] / head_dim) ** 2
+        d = math.log(point[0] / seq_len) ** 2 + math.log(point[1] / head_dim) ** 2
+        if point[2] and batch_heads:
+            d += math.log(point[2] / batch_heads) ** 2
+        return d
 
     nearest = min(device.measured_attention, key=distance)
-    return min(1.0, nearest[2] / device.peak_flops_per_s)
+    return min(1.0, nearest[3] / device.peak_flops_per_s)
 
 
 def causal_fraction(seq_len: int) -> float:
@@ -161,11 +165,11 @@ def core_s(core: AttentionCore, device: DeviceSpec, tp: int, micro_batch_size: i
     """
     heads = math.ceil(core.heads / tp)
     s, d = core.seq_len, core.head_dim
+    b = micro_batch_size or BOUND_MICRO_BATCH
     if core.kernel == "fused":
         flops = 4.0 * s * s * d * heads * causal_fraction(s)
-        rate = device.peak_flops_per_s * attention_efficiency(device, s, d)
+        rate = device.peak_flops_per_s * attention_efficiency(device, s, d, b * heads)
         return flops / rate, bwd_per_fwd * flops / rate
-    b = micro_batch_size or BOUND_MICRO_BATCH
     waves = micro_batch_size is not None
     qk = _product_s(device, s, d, s, b * heads, waves)
     pv = _product_s(device, s, s, d, b * heads, waves)

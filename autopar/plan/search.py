@@ -34,10 +34,11 @@ from autopar.plan.bounds import PlannerBounds, _Totals
 from autopar.plan.progress import SearchProgress
 from autopar.plan.robust import choose_robust, robust_reason
 from autopar.plan.space import Candidate, enumerate_candidates
-from autopar.plan.split import SplitProblem, SplitSolution, least_peak_and_bottleneck, solve_split
+from autopar.plan.split import (SplitProblem, SplitSolution, evaluate_split, least_peak_and_bottleneck,
+                                solve_split)
 from autopar.plan.types import Pins, Plan, Schedule, StagePlan
 from autopar.plan.unpriced import context_parallel_note
-from autopar.profile.types import ModelProfile
+from autopar.profile.types import LayerKind, ModelProfile, Recompute
 
 SPLIT_MODES = ("chunk", "chunk_memory")
 """[Note: split modes] The ILP minimises the busiest "device"'s time.
@@ -159,9 +160,26 @@ class Planner(PlannerBounds):
                 return self._split(cand, "chunk")
             key = problem
         if key not in self._splits:
-            self._splits[key] = solve_split(problem, solver=self.split_solver)
+            self._splits[key] = self._glued(problem, solve_split(problem, solver=self.split_solver))
             self.split_solves += 1
         return self._splits[key]
+
+    def _glued(self, problem: SplitProblem, split: SplitSolution) -> SplitSolution:
+        """``split`` with the final norm in the LM head's chunk, where the executor runs it
+        (autopar.execute.stage: the last stage applies the norm, then the head): a chunk that would start at
+        the head starts at the norm instead, earlier chunks moving down where they must to stay non-empty,
+        and the split is costed again (the price is of what runs). A split of one layer per chunk is kept."""
+        costs = self.totals(1, False, Recompute.NONE).costs  # kinds only: the same at every tp
+        head = next((i for i, c in enumerate(costs) if c.kind is LayerKind.LM_HEAD), None)
+        if head is None or head == 0 or costs[head - 1].kind is not LayerKind.FINAL_NORM \
+                or head not in split.boundaries:
+            return split
+        bounds = [b if b != head else head - 1 for b in split.boundaries]
+        for c in range(len(bounds) - 2, 0, -1):
+            bounds[c] = min(bounds[c], bounds[c + 1] - 1)
+        if any(b < c for c, b in enumerate(bounds)):  # as many chunks as layers: nothing to move
+            return split
+        return evaluate_split(problem, tuple(bounds), solver=split.solver, solve_time_s=split.solve_time_s)
 
     def _memory_problem(self, cand: Candidate) -> SplitProblem | None:
         """The ``chunk_memory`` mode's problem ([Note: split modes]); None when no split can fit."""

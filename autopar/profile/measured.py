@@ -295,8 +295,8 @@ def measure_kernel_tables(*, device: str | None = None, dtype: torch.dtype = tor
     which then replace the tile model and the attention ceiling (autopar.cost.kernels).
 
     Returns:
-        ((M, K, N, FLOP/s), ...) for every (M, K, N) of ``sizes``, and ((seq_len, head_dim, FLOP/s), ...)
-        of causal SDPA forward and backward over ``heads`` heads, counting the causal blocks' FLOPs as the
+        ((M, K, N, FLOP/s), ...) for every (M, K, N) of ``sizes``, and ((seq_len, head_dim, batch_heads,
+        FLOP/s), ...) of causal SDPA forward and backward over one sequence of ``heads`` heads, counting the causal blocks' FLOPs as the
         cost model does (autopar.cost.kernels.causal_fraction; backward 2.5 x forward).
     """
     from autopar.cost.kernels import causal_fraction
@@ -323,5 +323,5 @@ def measure_kernel_tables(*, device: str | None = None, dtype: torch.dtype = tor
 
         seconds = _timed(step, device, warmup, iters)
         flops = 4.0 * seq_len**2 * head_dim * heads * causal_fraction(seq_len) * (1 + FUSED_ATTENTION_BWD_PER_FWD)
-        timed_attention.append((seq_len, head_dim, flops / seconds))
+        timed_attention.append((seq_len, head_dim, heads, flops / seconds))
     return tuple(matmul), tuple(timed_attention)
