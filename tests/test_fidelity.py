@@ -341,9 +341,9 @@ def test_kernel_tables_are_measured_in_the_cluster_jsons_shape():
     from autopar.profile.measured import measure_kernel_tables
 
     matmul, attention = measure_kernel_tables(device="cpu", dtype=torch.float32, sizes=(32, 64),
-                                              attention=((64, 16),), heads=2, warmup=0, iters=1)
+                                              attention=((64, 16),), heads=2)
     assert [row[:3] for row in matmul] == [(m, k, n) for m in (32, 64) for k in (32, 64) for n in (32, 64)]
-    assert [row[:2] for row in attention] == [(64, 16)]
+    assert [row[:3] for row in attention] == [(64, 16, 2)]
     assert all(row[-1] > 0 for row in (*matmul, *attention))
 
 

@@ -38,7 +38,7 @@ from autopar.plan.split import (SplitProblem, SplitSolution, evaluate_split, lea
                                 solve_split)
 from autopar.plan.types import Pins, Plan, Schedule, StagePlan
 from autopar.plan.unpriced import context_parallel_note
-from autopar.profile.types import LayerKind, ModelProfile, Recompute
+from autopar.profile.types import LayerKind, ModelProfile
 
 SPLIT_MODES = ("chunk", "chunk_memory")
 """[Note: split modes] The ILP minimises the busiest "device"'s time.
@@ -141,6 +141,10 @@ class Planner(PlannerBounds):
         self._chunk_times: dict[tuple, list[float] | bool] = {}
         """Per-(split, micro-batch) chunk times of _chunk_floor and per-(problem, split) fits."""
         self.split_solves = 0
+        kinds = [layer.kind for _, layer in profile.flat_layers()]
+        self._norm_then_head = next((i for i in range(1, len(kinds)) if kinds[i] is LayerKind.LM_HEAD
+                                     and kinds[i - 1] is LayerKind.FINAL_NORM), None)
+        """Index of the LM head where the final norm comes right before it (:meth:`_glued`)."""
 
     # --- exact costing ------------------------------------------------------
     def _split(self, cand: Candidate, mode: str) -> SplitSolution:
@@ -169,10 +173,8 @@ class Planner(PlannerBounds):
         (autopar.execute.stage: the last stage applies the norm, then the head): a chunk that would start at
         the head starts at the norm instead, earlier chunks moving down where they must to stay non-empty,
         and the split is costed again (the price is of what runs). A split of one layer per chunk is kept."""
-        costs = self.totals(1, False, Recompute.NONE).costs  # kinds only: the same at every tp
-        head = next((i for i, c in enumerate(costs) if c.kind is LayerKind.LM_HEAD), None)
-        if head is None or head == 0 or costs[head - 1].kind is not LayerKind.FINAL_NORM \
-                or head not in split.boundaries:
+        head = self._norm_then_head
+        if head is None or head not in split.boundaries:
             return split
         bounds = [b if b != head else head - 1 for b in split.boundaries]
         for c in range(len(bounds) - 2, 0, -1):

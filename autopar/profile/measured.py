@@ -271,57 +271,24 @@ KERNEL_TABLE_SIZES = (1024, 2048, 4096, 8192)
 """Matmul dimensions :func:`measure_kernel_tables` times by default (every (M, K, N) of them: 64 shapes)."""
 
 
-def _timed(fn, device: str, warmup: int, iters: int) -> float:
-    """Median seconds of ``fn()`` on ``device``."""
-    times = []
-    for i in range(warmup + iters):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure_kernel_tables(*, device: str | None = None, dtype: torch.dtype = torch.bfloat16,
                           sizes: tuple[int, ...] = KERNEL_TABLE_SIZES, attention: tuple[tuple[int, int], ...] = (
-                              (2048, 128), (4096, 128), (2048, 64)), heads: int = 16, warmup: int = 2,
-                          iters: int = 5) -> tuple[tuple, tuple]:
-    """Time single matmuls and the fused attention kernel on ``device``: the cluster JSON's measured
-    tables (``DeviceSpec.measured_matmul`` / ``measured_attention``, docs/clusters.md "Measured kernels"),
-    which then replace the tile model and the attention ceiling (autopar.cost.kernels).
+                              (2048, 128), (4096, 128), (2048, 64)), heads: int = 16) -> tuple[tuple, tuple]:
+    """Time single matmuls and the fused attention kernel on ``device`` with ``autopar calibrate``'s own
+    primitives (autopar.bench.primitives: the fastest of its samples): the cluster JSON's measured tables
+    (``DeviceSpec.measured_matmul`` / ``measured_attention``, docs/clusters.md "Measured kernels"), which
+    then replace the tile model and the attention ceiling (autopar.cost.kernels).
 
     Returns:
         ((M, K, N, FLOP/s), ...) for every (M, K, N) of ``sizes``, and ((seq_len, head_dim, batch_heads,
-        FLOP/s), ...) of causal SDPA forward and backward over one sequence of ``heads`` heads, counting the causal blocks' FLOPs as the
-        cost model does (autopar.cost.kernels.causal_fraction; backward 2.5 x forward).
+        FLOP/s), ...) of causal SDPA forward and backward over one sequence of ``heads`` heads, counting the
+        causal blocks' FLOPs as the cost model does (autopar.cost.kernels.causal_fraction; backward 2.5 x
+        forward).
     """
-    from autopar.cost.kernels import causal_fraction
-    from autopar.profile.analytic import FUSED_ATTENTION_BWD_PER_FWD
+    from autopar.bench.primitives import attention_rows, gemm_rows
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    matmul = []
-    for m in sizes:
-        for k in sizes:
-            for n in sizes:
-                a = torch.randn(m, k, device=device, dtype=dtype)
-                b = torch.randn(k, n, device=device, dtype=dtype)
-                seconds = _timed(lambda: a @ b, device, warmup, iters)
-                matmul.append((m, k, n, 2.0 * m * k * n / seconds))
-    timed_attention = []
-    for seq_len, head_dim in attention:
-        q, k, v = (torch.randn(1, heads, seq_len, head_dim, device=device, dtype=dtype, requires_grad=True)
-                   for _ in range(3))
-        grad = torch.randn(1, heads, seq_len, head_dim, device=device, dtype=dtype)
-
-        def step():
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-            out.backward(grad)
-
-        seconds = _timed(step, device, warmup, iters)
-        flops = 4.0 * seq_len**2 * head_dim * heads * causal_fraction(seq_len) * (1 + FUSED_ATTENTION_BWD_PER_FWD)
-        timed_attention.append((seq_len, head_dim, heads, flops / seconds))
-    return tuple(matmul), tuple(timed_attention)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    shapes = [(m, k, n) for m in sizes for k in sizes for n in sizes]
+    matmul = tuple((r["m"], r["k"], r["n"], r["flops_per_s"]) for r in gemm_rows(shapes, dtype, dev))
+    rows = [r for s, d in attention for r in attention_rows(dtype, dev, (s,), (d,), (heads,))]
+    return matmul, tuple((r["seq_len"], r["head_dim"], r["batch_heads"], r["flops_per_s"]) for r in rows)
