@@ -7,6 +7,7 @@ NICs per 8-GPU node give each GPU 25 GB/s. docs/clusters.md has the format.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -78,6 +79,10 @@ class DeviceSpec:
     attention_ceiling: float = DEFAULT_ATTENTION_CEILING
     """Achieved fraction of ``peak_flops_per_s`` in a fused (flash) attention kernel's forward and backward,
     counting the FLOPs of the causal blocks it computes."""
+    loss_bytes_per_s: float = 0.0
+    """Measured rate of the LM head's loss (cross-entropy forward and backward, logits upcast to fp32) over
+    the bytes the profile counts for it (autopar.profile.analytic ``_head``): ``autopar calibrate``'s
+    ``cross_entropy`` kernel; 0 prices them at ``hbm_bytes_per_s`` like every memory-bound kernel."""
     measured_matmul: tuple[tuple[int, int, int, float], ...] = ()
     """Measured (M, K, N, FLOP/s) of single bf16 matmuls on this device; when present they replace the
     tile model (docs/clusters.md, "Measured kernels"; ``autopar explain --measure``, ``autopar calibrate``)."""
@@ -140,6 +145,12 @@ class ClusterSpec:
     measured_overheads_s: tuple[tuple[str, float], ...] = ()
     """Fixed seconds per call, measured: ``op`` (an eager op), ``autograd_op`` (one recorded op and its
     backward), ``module`` (an nn.Linear forward and backward), ``barrier``."""
+    measured_layout_fixed: tuple[tuple[int, int, int, float, float], ...] = ()
+    """(tp, dp, ZeRO stage, measured s, priced s) of one block's forward and backward per micro-batch in a
+    tiny model of negligible compute under that layout, every rank at once (``autopar calibrate``; docs/
+    clusters.md#measured): measured minus priced is the fixed cost a block pays under the layout that no
+    other term counts (DTensor's per-op dispatch, redistributions, FSDP2 / replicate hooks);
+    :meth:`block_fixed_s` composes any plan's from them."""
     calibration: str = ""
     """Where and when the measured fields were measured (``autopar calibrate``); empty for presets."""
 
@@ -185,6 +196,22 @@ class ClusterSpec:
             if (m_op, m_group, m_inter) == (op, group, inter_node):
                 return latency, rate
         return None
+
+    def block_fixed_s(self, tp: int, dp: int, zero_stage: int) -> float:
+        """Unpriced fixed seconds of one block's forward and backward per micro-batch under (tp, dp, ZeRO
+        stage), from ``measured_layout_fixed`` (0 without it): the TP degree's row at ZeRO 0 (the nearest
+        degree measured), plus, with data parallelism, the ZeRO stage's excess over ZeRO 0 at tp 1."""
+        rows = {(t, z): max(0.0, m - p) for t, _, z, m, p in self.measured_layout_fixed}
+        if not rows or (tp == 1 and dp == 1):
+            return 0.0
+        degrees = sorted({t for t, z in rows if z == 0})
+        base = 0.0
+        if degrees:
+            nearest = min(degrees, key=lambda t: (abs(math.log(t / tp)), t))
+            base = rows[(nearest, 0)] if tp > 1 or dp > 1 else 0.0
+        if dp > 1 and zero_stage and (1, zero_stage) in rows and (1, 0) in rows:
+            base += max(0.0, rows[(1, zero_stage)] - rows[(1, 0)])
+        return base
 
     def measured_send(self, inter_node: bool) -> tuple[float, float] | None:
         """(latency s, bytes/s) of one measured pipeline send (``measured_p2p``), or None."""
@@ -291,6 +318,8 @@ def cluster_from_dict(data: dict, name: str = "custom") -> ClusterSpec:
     raw_device = data["device"]
     matmul, attention = measured_kernels_from_dict(raw_device.get("measured"), where, dev["peak_tflops"])
     kernels = {k: dev[k] for k in ("sm_count", "matmul_ceiling", "attention_ceiling") if raw_device.get(k) is not None}
+    if raw_device.get("loss_TBps") is not None:
+        kernels["loss_bytes_per_s"] = dev["loss_TBps"] * 1e12
     device = DeviceSpec(
         name=dev["name"],
         peak_flops_per_s=dev["peak_tflops"] * 1e12,
@@ -413,12 +442,22 @@ def measured_links_from_dict(data, where: str) -> dict:
             raise AutoparError(f"{where}: measured.{key}={show(value)} must be a number of at least 1 "
                                "(1: a device per rank); run autopar calibrate again")
         sharing[key] = float(value)
+    fixed = []
+    for i, row in enumerate(data.get("layout_fixed") or []):
+        ok = isinstance(row, list) and len(row) == 5 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in row)
+        ok = ok and all(x == int(x) and x >= lo for x, lo in zip(row[:3], (1, 1, 0))) and min(row[3:]) >= 0
+        if not ok:
+            raise AutoparError(f"{where}: measured.layout_fixed[{i}]={show(row)} must be [tp, dp, zero_stage, "
+                               "measured_ms, priced_ms] (whole tp, dp >= 1, zero_stage >= 0, times >= 0); "
+                               "run autopar calibrate again")
+        fixed.append((int(row[0]), int(row[1]), int(row[2]), row[3] * 1e-3, row[4] * 1e-3))
     calibration = data.get("calibration", "measured")
     if not isinstance(calibration, str):
         raise AutoparError(f"{where}: measured.calibration={show(calibration)} must be a string (where and when)")
     return {"measured_collectives": colls, "measured_p2p": p2p, **sharing,
             "measured_overheads_s": tuple(sorted((str(k), v * 1e-6) for k, v in overheads.items())),
-            "calibration": calibration}
+            "measured_layout_fixed": tuple(fixed), "calibration": calibration}
 
 
 def _link_row(row, path: str, where: str, head: int) -> tuple:
@@ -448,7 +487,8 @@ def measured_links_to_dict(cluster: ClusterSpec) -> dict | None:
             "comm_overlap": cluster.comm_overlap, "collectives": [[op, g, inter, lat * 1e6, bw / 1e9]
                             for op, g, inter, lat, bw in cluster.measured_collectives],
             "p2p": [[inter, lat * 1e6, bw / 1e9] for inter, lat, bw in cluster.measured_p2p],
-            "overheads_us": {k: v * 1e6 for k, v in cluster.measured_overheads_s}}
+            "overheads_us": {k: v * 1e6 for k, v in cluster.measured_overheads_s},
+            "layout_fixed": [[t, d, z, m * 1e3, p * 1e3] for t, d, z, m, p in cluster.measured_layout_fixed]}
 
 
 def cluster_to_dict(cluster: ClusterSpec, source: str = "") -> dict:
@@ -459,6 +499,8 @@ def cluster_to_dict(cluster: ClusterSpec, source: str = "") -> dict:
               "context_gib": max(dev.context_bytes / GIB, 1e-3),  # the schema's least (the CPU host's is 0)
               "sm_count": dev.sm_count or None, "matmul_ceiling": dev.matmul_ceiling,
               "attention_ceiling": dev.attention_ceiling}
+    if dev.loss_bytes_per_s:
+        device["loss_TBps"] = dev.loss_bytes_per_s / 1e12
     if dev.measured_matmul or dev.measured_attention:
         device["measured"] = measured_kernels_to_dict(dev, source)
     device["kind"] = dev.kind

@@ -550,6 +550,7 @@ CLUSTER_DEVICE: tuple[Field, ...] = (
     _int("sm_count", 2**16, "2**16; an H100 has 132"),
     _positive("matmul_ceiling", 1e-3, 1.0, "a fraction of peak_tflops: a matmul cannot beat the peak", default=0.8),
     _positive("attention_ceiling", 1e-3, 1.0, "a fraction of peak_tflops", default=0.5),
+    _positive("loss_TBps", 1e-9, 1e3, "1 PB/s: the LM head's loss kernels' measured rate (autopar calibrate)"),
     Field(key="kind", kind="choice", choices=("gpu", "cpu"), default="gpu",
           why="a GPU, or a host's cores shared by gloo processes (autopar calibrate on a CPU)"),
 )

@@ -261,3 +261,80 @@ def test_the_cost_model_prices_a_calibrated_cluster_by_its_measurements():
             cost = estimate(profile, cluster, ev.plan)
             busy = ev.plan.num_microbatches * cost.stages[0].compute_s
             assert cost.step_time_s >= 2.2 * busy and cost.extras["sharing_s"] > 0
+
+
+def test_layout_fixed_costs_round_trip_compose_and_are_priced_per_block():
+    """The per-block fixed cost calibrate measures per layout is read back, composed for any plan (the TP
+    degree's row plus the ZeRO stage's excess), added once per block per micro-batch, and absent from
+    presets; a bad row is refused naming the fix."""
+    from autopar.cluster import PRESETS, cluster_from_dict, cluster_to_dict
+    from autopar.cost.model import estimate
+    from autopar.plan.types import Plan, Precision, Schedule, StagePlan
+    from autopar.profile.analytic import profile_analytic
+    from autopar.profile.config import arch_from_dict
+    from autopar.profile.types import Recompute
+
+    base = _calibrated_cpu()
+    data = cluster_to_dict(base)
+    data["measured"]["layout_fixed"] = [[1, 4, 0, 7.0, 5.0], [2, 2, 0, 40.0, 5.0], [4, 1, 0, 60.0, 15.0],
+                                        [1, 4, 3, 15.0, 9.0]]
+    cluster = cluster_from_dict(json.loads(json.dumps(data)), name="fixed")
+    again = cluster_from_dict(json.loads(json.dumps(cluster_to_dict(cluster))), name="again")
+    assert [r[:3] for r in again.measured_layout_fixed] == [(1, 4, 0), (2, 2, 0), (4, 1, 0), (1, 4, 3)]
+    assert [v for r in again.measured_layout_fixed for v in r[3:]] == pytest.approx(
+        [v for r in cluster.measured_layout_fixed for v in r[3:]])
+    assert cluster.block_fixed_s(1, 1, 0) == 0.0 and PRESETS["a100-80gb"].block_fixed_s(4, 2, 3) == 0.0
+    assert cluster.block_fixed_s(1, 4, 0) == pytest.approx(2e-3)
+    assert cluster.block_fixed_s(2, 2, 0) == pytest.approx(35e-3)
+    assert cluster.block_fixed_s(4, 1, 0) == pytest.approx(45e-3)
+    assert cluster.block_fixed_s(2, 2, 3) == pytest.approx(35e-3 + (6e-3 - 2e-3))  # + ZeRO 3's excess
+    assert cluster.block_fixed_s(8, 1, 0) == pytest.approx(45e-3)  # the nearest degree measured
+
+    arch = arch_from_dict("tiny-gpt", {"model_type": "gpt2", "n_embd": 128, "n_layer": 4, "n_head": 4,
+                                       "vocab_size": 1024, "n_positions": 128})
+    profile = profile_analytic(arch, seq_len=128, dtype_bytes=4, device_type="cpu")
+    names = tuple(n for n, _ in profile.flat_layers())
+    plan = Plan(dp=2, tp=2, pp=1, micro_batch_size=2, num_microbatches=2, schedule=Schedule.ONE_F_ONE_B,
+                virtual_stages=1, recompute=Recompute.NONE, zero_stage=0, sequence_parallel=True,
+                stages=(StagePlan(index=0, layers=names),), global_batch_size=8, seq_len=128,
+                precision=Precision.FP32)
+    without, with_fixed = estimate(profile, base, plan), estimate(profile, cluster, plan)
+    # 4 blocks x 2 micro-batches x 35 ms, outside the compute the sharing slowdown scales
+    assert with_fixed.step_time_s - without.step_time_s == pytest.approx(4 * 2 * 35e-3, rel=1e-6)
+
+    data["measured"]["layout_fixed"] = [[2, 2, 0, -1.0, 5.0]]
+    with pytest.raises(AutoparError, match=r"measured.layout_fixed\[0\]=.*run autopar calibrate again"):
+        cluster_from_dict(data, name="bad")
+
+
+def test_the_measured_loss_rate_prices_the_lm_heads_traffic_and_nothing_else():
+    """calibrate's cross_entropy kernel becomes device.loss_TBps (kept out of the element-wise mean); the LM
+    head's traffic is then priced at it, every other layer at the memory bandwidth."""
+    from autopar.bench.calibrate import cluster_json
+    from autopar.cluster import cluster_from_dict, cluster_to_dict
+    from autopar.cost.layers import CostOptions, layer_costs
+    from autopar.profile.analytic import profile_analytic
+    from autopar.profile.config import arch_from_dict
+    from autopar.profile.types import LayerKind, Recompute
+
+    raw = _raw_calibration()
+    plain = cluster_from_dict(cluster_json(raw, "test"), name="plain")
+    raw["elementwise"].append({"kernel": "cross_entropy", "bytes": 1, "bytes_per_s": 1e9})
+    data = cluster_json(raw, "test")
+    assert data["device"]["loss_TBps"] == pytest.approx(1e-3)
+    assert data["device"]["hbm_TBps"] == plain.device.hbm_bytes_per_s / 1e12  # not in the element-wise mean
+    cluster = cluster_from_dict(json.loads(json.dumps(data)), name="loss")
+    assert cluster_from_dict(cluster_to_dict(cluster), "again").device.loss_bytes_per_s == pytest.approx(1e9)
+    arch = arch_from_dict("tiny-gpt", {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4,
+                                       "vocab_size": 4096, "n_positions": 128})
+    profile = profile_analytic(arch, seq_len=128, dtype_bytes=4, device_type="cpu")
+    kw = dict(tp=1, sequence_parallel=False, recompute=Recompute.NONE, opts=CostOptions(), micro_batch_size=1)
+    before = {c.name: c for c in layer_costs(profile, plain, **kw)}
+    after = {c.name: c for c in layer_costs(profile, cluster, **kw)}
+    head = next(layer for _, layer in profile.flat_layers() if layer.kind is LayerKind.LM_HEAD)
+    traffic = head.fwd_traffic_bytes.at(1, False) + head.bwd_traffic_bytes.at(1, False)
+    name = head.module_names[0]
+    mem = plain.device.hbm_bytes_per_s * CostOptions().memory_efficiency
+    shift = (after[name].fwd_s + after[name].bwd_s) - (before[name].fwd_s + before[name].bwd_s)
+    assert shift == pytest.approx(traffic / 1e9 - traffic / mem, rel=1e-9)
+    assert all(after[n].fwd_s == before[n].fwd_s for n in after if n != name)

@@ -64,8 +64,9 @@ def cluster_json(raw: dict, command: str) -> dict:
     gemm = raw["gemm"]
     peak = max(r["flops_per_s"] for r in gemm + raw.get("attention", []))
     memory = where["device_memory_bytes"] / (max(1.0, per_unit) if gpu else where["ranks_per_node"])
-    kernels = raw["elementwise"]
+    kernels = [k for k in raw["elementwise"] if k["kernel"] != "cross_entropy"]
     hbm = len(kernels) / sum(1.0 / k["bytes_per_s"] for k in kernels)  # each kernel moving the same bytes
+    loss = [k["bytes_per_s"] for k in raw["elementwise"] if k["kernel"] == "cross_entropy"]
     calibration = (f"{command} on {where['host']} ({where['device_name']}, {where['world_size']} ranks, "
                    f"{where['backend']}, torch {where['torch']}) at {raw['when']}")
     colls = _fits(raw.get("collectives", []), lambda r: (r["op"], r["group"], r["inter_node"]))
@@ -74,6 +75,7 @@ def cluster_json(raw: dict, command: str) -> dict:
         "name": where["device_name"], "kind": "gpu" if gpu else "cpu",
         "peak_tflops": peak / 1e12, "memory_gib": memory / GIB, "hbm_TBps": hbm / 1e12,
         "context_gib": raw["runtime_memory_bytes"] / GIB, "matmul_ceiling": 1.0,
+        **({"loss_TBps": loss[0] / 1e12} if loss else {}),
         "measured": {"source": calibration,
                      "matmul": [[r["m"], r["k"], r["n"], r["flops_per_s"] / 1e12] for r in gemm],
                      "attention": [[r["seq_len"], r["head_dim"], *([r["batch_heads"]] if "batch_heads" in r else []),
@@ -90,14 +92,39 @@ def cluster_json(raw: dict, command: str) -> dict:
             "collectives": [[op, g, inter, lat * 1e6, bw / 1e9] for op, g, inter, lat, bw in colls],
             "p2p": [[inter, lat * 1e6, bw / 1e9] for inter, lat, bw in p2p],
             "overheads_us": {k.removesuffix("_s"): v * 1e6 for k, v in raw["overheads"].items()},
-            "elementwise_GBps": {k["kernel"]: k["bytes_per_s"] / 1e9 for k in kernels},
+            "elementwise_GBps": {k["kernel"]: k["bytes_per_s"] / 1e9 for k in raw["elementwise"]},
             "runtime_memory_gib": raw["runtime_memory_bytes"] / GIB,
             "blocks": [_block_table(b) for b in raw.get("blocks", [])],
             "samples": {"collectives": raw.get("collectives", []), "p2p": raw.get("p2p", [])},
             "calibrate_s": raw.get("calibrate_s"),
         },
     }
+    data["measured"]["layout_fixed"] = _layout_fixed(raw.get("layout_fixed", []), data)
     return data
+
+
+def _layout_fixed(rows: list[dict], data: dict) -> list[list[float]]:
+    """``[tp, dp, zero, measured ms, priced ms]`` per block of the tiny models the worker timed
+    (autopar.bench.primitives.layout_fixed_rows): the two models' difference over their blocks, measured and
+    as the cost model prices it on the cluster just measured (its kernels, collectives and sharing), so that
+    measured - priced is what no other term counts."""
+    from autopar.cost.model import estimate
+    from autopar.plan.types import Plan
+    from autopar.profile.analytic import profile_analytic
+    from autopar.profile.config import arch_from_dict
+
+    cluster = cluster_from_dict(json.loads(json.dumps(data)), name="calibrating")
+    out = []
+    for r in rows:
+        (n1, n3), (s1, s3) = r["blocks"], r["seconds"]
+        priced = []
+        for config, plan in zip(r["configs"], r["plans"]):
+            arch = arch_from_dict(f"tiny-{config['model_type']}", config)
+            profile = profile_analytic(arch, seq_len=plan["seq_len"], dtype_bytes=4)
+            priced.append(estimate(profile, cluster, Plan.from_dict(plan)).step_time_s)
+        out.append([r["tp"], r["dp"], r["zero"], (s3 - s1) / (n3 - n1) * 1e3,
+                    max(0.0, priced[1] - priced[0]) / (n3 - n1) * 1e3])
+    return out
 
 
 def _scalar_links(colls: list[tuple], p2p: list[tuple]) -> dict:

@@ -80,6 +80,11 @@ def main(argv=None) -> None:
         record["p2p"] = P.p2p_rows(world, local, device, dtype, sizes)
         _progress("overlap of communication with compute")
         record["overlap"] = P.comm_overlap(device, dtype)
+        _progress("fixed cost of a block per layout")
+        layouts = _fixed_layouts(world)
+        if args.quick:  # data parallel and the smallest TP degree
+            layouts = [x for x in layouts if x[2] == 0][:2]
+        record["layout_fixed"] = P.layout_fixed_rows(_fixed_model_config(models), layouts, device)
     record["blocks"] = [_blocks(m, dtype, device) for m in models]
     record["calibrate_s"] = time.perf_counter() - started
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -113,6 +118,24 @@ def _blocks(model: dict, dtype: torch.dtype, device: torch.device) -> dict:
     rows = P.block_rows(arch, model["seq_len"], model["tps"], model["micro_batches"], dtype, device)
     return {"model": arch.name, "config": {k: v for k, v in (arch.raw or {}).items() if not k.startswith("_")},
             "seq_len": model["seq_len"], "rows": rows}
+
+
+FIXED_DEFAULT_MODEL = "gpt2"
+"""The family :func:`autopar.bench.primitives.layout_fixed_rows` shrinks when no --model is given."""
+
+
+def _fixed_model_config(models: list[dict]) -> dict:
+    """The first --model's config (its family's blocks) or GPT-2's, for the per-layout fixed costs."""
+    from autopar.profile.config import load_arch
+
+    arch = models[0]["arch"] if models else load_arch(FIXED_DEFAULT_MODEL)
+    return {**(arch.raw or {}), "model_type": arch.model_type}
+
+
+def _fixed_layouts(world: int) -> list[tuple[int, int, int]]:
+    """(tp, dp, zero) per TP degree dividing the world (the rest data parallel, ZeRO 0), and ZeRO 2 and 3
+    at tp 1: what autopar.cost.model composes any plan's fixed cost from."""
+    return [(tp, world // tp, 0) for tp in range(1, world + 1) if world % tp == 0] + [(1, world, 2), (1, world, 3)]
 
 
 def _device() -> torch.device:

@@ -160,8 +160,33 @@ def elementwise_rows(dtype: torch.dtype, device: torch.device) -> list[dict]:
         "layer_norm": (lambda: torch.nn.functional.layer_norm(x, (256,)), 2 * size),
         "softmax": (lambda: torch.softmax(x, dim=-1), 2 * size),
     }
-    return [{"kernel": name, "bytes": moved, "bytes_per_s": moved / alone(fn, device)}
+    rows = [{"kernel": name, "bytes": moved, "bytes_per_s": moved / alone(fn, device)}
             for name, (fn, moved) in kernels.items()]
+    return rows + [cross_entropy_row(dtype, device)]
+
+
+LOSS_VOCAB = 32768
+"""Vocabulary of the timed loss (a 32K-token tokenizer's; per logit the rate barely depends on it)."""
+
+
+def cross_entropy_row(dtype: torch.dtype, device: torch.device) -> dict:
+    """The LM head's loss as transformers runs it (logits upcast to fp32, ``cross_entropy`` summed, its
+    backward) over ``elementwise_bytes`` of logits, as bytes per second of the traffic the profile counts for
+    it (autopar.profile.analytic ``_head``: per logit its e bytes and 4 fp32 passes forward, twice that
+    backward), so that the cost model's LM-head traffic at this rate gives back the measured time."""
+    from autopar.profile.analytic import BWD_TRAFFIC_PER_FWD, LOSS_DTYPE_BYTES
+
+    e = torch.tensor([], dtype=dtype).element_size()
+    rows = max(1, elementwise_bytes(device) // (LOSS_VOCAB * e))
+    logits = torch.randn(rows, LOSS_VOCAB, dtype=dtype, device=device, requires_grad=True)
+    labels = torch.randint(0, LOSS_VOCAB, (rows,), device=device)
+
+    def step() -> None:
+        torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").backward()
+        logits.grad = None
+
+    moved = rows * LOSS_VOCAB * (e + 4 * LOSS_DTYPE_BYTES) * (1 + BWD_TRAFFIC_PER_FWD)
+    return {"kernel": "cross_entropy", "bytes": moved, "bytes_per_s": moved / alone(step, device)}
 
 
 def elementwise_bytes(device: torch.device) -> int:
@@ -431,3 +456,85 @@ def comm_overlap(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     overlap = (mm_s + comm_s - both_s) / min(mm_s, comm_s)
     return {"comm_overlap": min(1.0, max(0.0, overlap)), "all_reduce_s": comm_s, "matmuls_s": mm_s,
             "both_s": both_s}
+
+
+FIXED_SEQ = 8
+"""Tokens of the micro-batch :func:`layout_fixed_rows` times: one short sequence, compute next to nothing."""
+FIXED_BLOCKS = (1, 3)
+"""Blocks of the two tiny models whose difference is two blocks' fixed cost (embedding, head and loss
+cancel)."""
+FIXED_WIDTH_KEYS = {"gpt2": ("n_embd", "n_head", None, "n_inner", "n_layer", "n_positions"),
+                    "decoder": ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                                "num_hidden_layers", "max_position_embeddings")}
+"""Config keys of the widths per raw-config style: GPT-2's, and the names transformers' decoders share."""
+
+
+def tiny_config(raw: dict, tp: int, layers: int) -> dict:
+    """``raw`` (a causal LM's config.json) with its widths shrunk, structure kept: 2 tp heads of width 8
+    (grouped-query attention kept as tp key/value heads), an MLP 4x, a vocabulary of 64 tp, ``layers``
+    blocks."""
+    raw = {k: v for k, v in raw.items() if not k.startswith("_") and k not in ("bos_token_id", "eos_token_id")}
+    hidden, heads, kv, ffn, depth, positions = FIXED_WIDTH_KEYS["gpt2" if "n_embd" in raw else "decoder"]
+    n_heads = 2 * tp
+    grouped = kv is not None and raw.get(kv) not in (None, raw.get(heads))
+    raw.update({hidden: 8 * n_heads, heads: n_heads, ffn: 32 * n_heads, depth: layers, "vocab_size": 64 * tp,
+                positions: 64})
+    if kv is not None:
+        raw.update({kv: tp if grouped else n_heads, "head_dim": 8})
+    return raw
+
+
+def layout_fixed_rows(raw: dict, layouts: list[tuple[int, int, int]], device: torch.device) -> list[dict]:
+    """The fixed cost of one block per micro-batch under each (tp, dp, zero) layout, every rank at once:
+    the tiny model of ``raw``'s family (:func:`tiny_config`) with 1 and with 3 blocks, built under autopar's
+    one line with the layout pinned, one micro-batch of one ``FIXED_SEQ``-token sequence forward and backward
+    between barriers (the slowest rank's median; the optimizer is not run). What the compute kernels and
+    collectives' bytes do not explain is the per-op dispatch (DTensor), redistribution and wrapper hooks a
+    real block pays the same (autopar.calibrate prices the tiny models to keep only that part)."""
+    import transformers
+
+    import autopar
+
+    from autopar.errors import AutoparError
+
+    rows = []
+    for tp, dp, zero in layouts:
+        seconds, plans = [], []
+        try:
+            _check_fixed_layout(raw, tp)
+        except AutoparError:  # a family without tensor parallelism: no TP rows (the same on every rank)
+            continue
+        for layers in FIXED_BLOCKS:
+            config = tiny_config(raw, tp, layers)
+            autopar.enable_advanced_parallelization(global_batch_size=dp, seq_len=FIXED_SEQ, tp=tp, dp=dp, pp=1,
+                                                    micro_batch_size=1, zero_stage=zero, log_every=0,
+                                                    check_batch=False)
+            try:
+                torch.manual_seed(0)
+                cfg = transformers.AutoConfig.for_model(config["model_type"],
+                                                        **{k: v for k, v in config.items() if k != "model_type"})
+                cfg.use_cache = False
+                model = transformers.AutoModelForCausalLM.from_config(cfg).to(device)
+            finally:
+                autopar.disable_advanced_parallelization()
+            ids = torch.randint(0, 64 * tp, (dp, FIXED_SEQ), generator=torch.Generator().manual_seed(0)).to(device)
+
+            def step() -> None:
+                model(ids, labels=ids, use_cache=False)[0].backward()
+                model.zero_grad(set_to_none=True)
+
+            seconds.append(slowest(time_call(step, device, collective=True)))
+            plans.append(model._autopar.plan.to_dict())
+        rows.append({"tp": tp, "dp": dp, "zero": zero, "seconds": seconds, "blocks": list(FIXED_BLOCKS),
+                     "configs": [tiny_config(raw, tp, n) for n in FIXED_BLOCKS], "plans": plans})
+    return rows
+
+
+
+def _check_fixed_layout(raw: dict, tp: int) -> None:
+    """Refuse (AutoparError) a TP degree the family cannot run, as the executor would, before any rank builds."""
+    from autopar.errors import AutoparError
+    from autopar.families import family_spec
+
+    if tp > 1 and not family_spec(raw["model_type"]).splittable:
+        raise AutoparError(f"{raw['model_type']}: no tensor parallelism")

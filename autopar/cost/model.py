@@ -30,7 +30,7 @@ from autopar.cost.data_parallel import (
     optimizer_step_s,
 )
 from autopar.plan.types import Plan, Schedule
-from autopar.profile.types import ModelProfile
+from autopar.profile.types import LayerKind, ModelProfile
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -229,6 +229,10 @@ def _chunk_fwd_bwd(layer_list: list[LayerCost], plan: Plan, cluster: ClusterSpec
     tp_s = collective_s(b * sum(x.tp_bytes for x in layer_list), plan.tp,
                         sum(x.tp_collectives for x in layer_list), tp_inter, cluster, opts.collective_efficiency,
                         ranks_per_node=min(plan.tp, cluster.gpus_per_node))
+    # The layout's measured fixed cost per block (ClusterSpec.block_fixed_s), like the collectives measured
+    # with every rank busy at once: it joins their time, which the sharing bound does not scale again.
+    blocks = sum(1 for x in layer_list if x.kind is LayerKind.BLOCK)
+    tp_s += blocks * cluster.block_fixed_s(plan.tp, plan.dp, plan.zero_stage)
     share = f / (f + g) if f + g > 0 else 0.5
     return f + tp_s * share, g + tp_s * (1 - share), tp_s
 
