@@ -9,6 +9,7 @@ import copy
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -338,3 +339,31 @@ def test_the_measured_loss_rate_prices_the_lm_heads_traffic_and_nothing_else():
     shift = (after[name].fwd_s + after[name].bwd_s) - (before[name].fwd_s + before[name].bwd_s)
     assert shift == pytest.approx(traffic / 1e9 - traffic / mem, rel=1e-9)
     assert all(after[n].fwd_s == before[n].fwd_s for n in after if n != name)
+
+
+def test_on_a_calibrated_cpu_the_bounds_hold_and_the_pruned_search_finds_the_fastest_plan():
+    """A measured kernel table need not grow with the micro-batch (a CPU's rates do not), and a layout's fixed
+    cost depends on its dp and ZeRO stage: every bound stays below the exact cost, and the pruned search
+    returns what costing every candidate returns (this machine's calibration, the example's model)."""
+    from autopar.cluster import load_cluster
+    from autopar.plan.search import Planner, search
+    from autopar.plan.space import enumerate_candidates
+    from autopar.plan.types import Pins, Precision
+    from autopar.profile.analytic import profile_analytic
+    from autopar.profile.config import load_arch
+
+    cluster = load_cluster(str(Path(__file__).resolve().parent.parent / "benchmarks" / "results" /
+                               "cluster_cpu_2026-11-30.json"))
+    assert cluster.measured_layout_fixed and cluster.device.loss_bytes_per_s  # the terms under test are there
+    profile = profile_analytic(load_arch("examples/cerebras-gpt-tiny"), seq_len=128, dtype_bytes=4,
+                               device_type="cpu")
+    pins = Pins(precision=Precision.FP32)
+    planner, best = Planner(profile, cluster, global_batch_size=8, pins=pins), None
+    for cand in enumerate_candidates(profile, cluster, global_batch_size=8, pins=pins):
+        ev = planner.evaluate(cand)
+        lb = planner.lower_bound(cand)[0]
+        assert planner.step_bound(cand, lb) <= ev.cost.step_time_s * (1 + 1e-9), cand
+        if ev.cost.fits and (best is None or (ev.cost.step_time_s, cand) < (best.cost.step_time_s, best.candidate)):
+            best = ev
+    found = search(profile, cluster, global_batch_size=8, pins=pins, alternatives=False, robust=False).best
+    assert found.candidate == best.candidate

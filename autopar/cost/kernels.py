@@ -72,9 +72,13 @@ def matmul_efficiency(device: DeviceSpec, m: int, k: int, n: int, count: int = 1
     """Achieved fraction of ``device``'s peak in ``count`` matmuls of (m x k) @ (k x n), by the tile model
     or the device's measured table ([Note: matmul efficiency by shape]); never above 1.
 
-    ``waves=False`` leaves out wave quantisation (the efficiency no real M reaches above: a bound).
+    ``waves=False`` leaves out wave quantisation (the efficiency no real M reaches above: a bound); with a
+    measured table it is the table's best rate: measured rates need not grow with M (a CPU's do not), so no
+    row but the best bounds every micro-batch.
     """
     if device.measured_matmul:
+        if not waves:
+            return min(1.0, max(r[3] for r in device.measured_matmul) / device.peak_flops_per_s)
         return _measured_matmul(device, m, k, n)
     bm, bk, bn = device.matmul_ceiling_shape
     shape = _fill(k) / _fill(bk)
@@ -98,17 +102,21 @@ def _measured_matmul(device: DeviceSpec, m: int, k: int, n: int) -> float:
 def attention_efficiency(device: DeviceSpec, seq_len: int, head_dim: int, batch_heads: int = 0) -> float:
     """Achieved fraction of peak of the fused attention kernel (forward and backward, causal FLOPs): the
     device's measured table (nearest (seq_len, head_dim, batch_heads) in log space; ``batch_heads``, the
-    sequences x heads of one call, where both the row and the query know it) or its ``attention_ceiling``."""
+    sequences x heads of one call, where both the row and the query know it; negative: a bound over every
+    sequences x heads measured at the nearest shape) or its ``attention_ceiling``."""
     if not device.measured_attention:
         return device.attention_ceiling
 
     def distance(point) -> float:
         d = math.log(point[0] / seq_len) ** 2 + math.log(point[1] / head_dim) ** 2
-        if point[2] and batch_heads:
+        if point[2] and batch_heads > 0:
             d += math.log(point[2] / batch_heads) ** 2
         return d
 
     nearest = min(device.measured_attention, key=distance)
+    if batch_heads < 0:  # a bound: the best rate measured at that shape over every sequences x heads
+        return min(1.0, max(r[3] for r in device.measured_attention if r[:2] == nearest[:2]) /
+                   device.peak_flops_per_s)
     return min(1.0, nearest[3] / device.peak_flops_per_s)
 
 
@@ -168,7 +176,7 @@ def core_s(core: AttentionCore, device: DeviceSpec, tp: int, micro_batch_size: i
     b = micro_batch_size or BOUND_MICRO_BATCH
     if core.kernel == "fused":
         flops = 4.0 * s * s * d * heads * causal_fraction(s)
-        rate = device.peak_flops_per_s * attention_efficiency(device, s, d, b * heads)
+        rate = device.peak_flops_per_s * attention_efficiency(device, s, d, b * heads if micro_batch_size else -1)
         return flops / rate, bwd_per_fwd * flops / rate
     waves = micro_batch_size is not None
     qk = _product_s(device, s, d, s, b * heads, waves)

@@ -216,7 +216,8 @@ class PlannerBounds:
 
     def _chunk_floor(self, cand: Candidate, split: SplitSolution) -> float:
         """[Note: pipeline bound] (a) on ``split``'s chunks: the estimate's pipeline time is never below it."""
-        key = ("chunk_s", split.boundaries, cand.tp, cand.sequence_parallel, cand.recompute, cand.micro_batch_size)
+        key = ("chunk_s", split.boundaries, cand.tp, cand.sequence_parallel, cand.recompute, cand.micro_batch_size,
+               cand.dp, cand.zero_stage)  # the layout's fixed cost per block depends on these too
         if key not in self._chunk_times:
             t = self.totals(cand.tp, cand.sequence_parallel, cand.recompute)
             costs = costs_for_micro_batch(t.costs, self.profile, self.cluster, cand, self.opts)
