@@ -201,14 +201,11 @@ class ClusterSpec:
         """Unpriced fixed seconds of one block's forward and backward per micro-batch under (tp, dp, ZeRO
         stage), from ``measured_layout_fixed`` (0 without it): the TP degree's row at ZeRO 0 (the nearest
         degree measured), plus, with data parallelism, the ZeRO stage's excess over ZeRO 0 at tp 1."""
-        rows = {(t, z): max(0.0, m - p) for t, _, z, m, p in self.measured_layout_fixed}
-        if not rows or (tp == 1 and dp == 1):
+        if not self.measured_layout_fixed or (tp == 1 and dp == 1):
             return 0.0
-        degrees = sorted({t for t, z in rows if z == 0})
-        base = 0.0
-        if degrees:
-            nearest = min(degrees, key=lambda t: (abs(math.log(t / tp)), t))
-            base = rows[(nearest, 0)] if tp > 1 or dp > 1 else 0.0
+        rows = {(t, z): max(0.0, m - p) for t, _, z, m, p in self.measured_layout_fixed}
+        degrees = [t for t, z in rows if z == 0]
+        base = rows[(min(degrees, key=lambda t: (abs(math.log(t / tp)), t)), 0)] if degrees else 0.0
         if dp > 1 and zero_stage and (1, zero_stage) in rows and (1, 0) in rows:
             base += max(0.0, rows[(1, zero_stage)] - rows[(1, 0)])
         return base
@@ -372,7 +369,7 @@ def measured_kernels_from_dict(data, where: str, peak_tflops: float) -> tuple[tu
         for i, row in enumerate(rows):
             cols = columns
             if key == "attention" and isinstance(row, list) and len(row) == 3:  # batch_heads not recorded
-                cols, row = columns[:2], row
+                cols = columns[:2]
             parsed = _measured_row(row, f"device.measured.{key}[{i}]", cols, where, peak_tflops)
             table.append(parsed if len(parsed) == len(columns) + 1 else (*parsed[:2], 0, parsed[2]))
         tables.append(tuple(table))

@@ -99,11 +99,11 @@ def cluster_json(raw: dict, command: str) -> dict:
             "calibrate_s": raw.get("calibrate_s"),
         },
     }
-    data["measured"]["layout_fixed"] = _layout_fixed(raw.get("layout_fixed", []), data)
+    data["measured"]["layout_fixed"] = price_layout_fixed(raw.get("layout_fixed", []), data)
     return data
 
 
-def _layout_fixed(rows: list[dict], data: dict) -> list[list[float]]:
+def price_layout_fixed(rows: list[dict], data: dict) -> list[list[float]]:
     """``[tp, dp, zero, measured ms, priced ms]`` per block of the tiny models the worker timed
     (autopar.bench.primitives.layout_fixed_rows): the two models' difference over their blocks, measured and
     as the cost model prices it on the cluster just measured (its kernels, collectives and sharing), so that

@@ -102,8 +102,11 @@ def _model(ref: str, args: argparse.Namespace, world: int) -> dict:
     arch = load_arch(ref)
     seq = args.seq_len or min(2048, arch.max_position_embeddings)
     batch = args.global_batch or 8 * world
+    from autopar.profile.measured import UNSHARDABLE_PROFILES
+
+    shardable = arch.profile not in UNSHARDABLE_PROFILES  # e.g. MPT: its blocks are timed whole only
     tps = [t for t in range(1, world + 1) if world % t == 0 and arch.num_attention_heads % t == 0
-           and arch.num_key_value_heads % t == 0 and arch.ffn_hidden_size % t == 0]
+           and arch.num_key_value_heads % t == 0 and arch.ffn_hidden_size % t == 0 and (t == 1 or shardable)]
     mbs = [b for b in range(1, batch + 1) if batch % b == 0 and b <= 64]
     if args.quick:
         tps, mbs = tps[:2], mbs[:2]
@@ -125,10 +128,18 @@ FIXED_DEFAULT_MODEL = "gpt2"
 
 
 def _fixed_model_config(models: list[dict]) -> dict:
-    """The first --model's config (its family's blocks) or GPT-2's, for the per-layout fixed costs."""
+    """The first --model's config (its family's blocks) or GPT-2's, for the per-layout fixed costs. A family
+    autopar trains data parallel only (Falcon, OPT, BLOOM, MPT: autopar.families) has neither tensor-parallel
+    layouts to measure nor the config names autopar.bench.primitives.tiny_config shrinks, so GPT-2's stands in."""
+    from autopar.families import family_spec
     from autopar.profile.config import load_arch
 
-    arch = models[0]["arch"] if models else load_arch(FIXED_DEFAULT_MODEL)
+    arch = models[0]["arch"] if models else None
+    if arch is None or not family_spec(arch.model_type).splittable:
+        if arch is not None:
+            _progress(f"{arch.model_type} has no tensor parallelism: per-layout fixed costs timed on "
+                      f"{FIXED_DEFAULT_MODEL}'s blocks")
+        arch = load_arch(FIXED_DEFAULT_MODEL)
     return {**(arch.raw or {}), "model_type": arch.model_type}
 
 
