@@ -10,7 +10,7 @@
 set -u
 OUT=${OUT:?set OUT to the folder for the results}
 MODEL=${MODEL:-llama-3.2-1b}          # bench model (calibrate times its blocks too)
-OTHER=${OTHER:-cerebras-gpt-1.3b}     # a second model calibrate never saw (GPT-2 family)
+OTHER=${OTHER-cerebras-gpt-1.3b}      # a second model calibrate never saw (GPT-2 family); OTHER= skips it
 SEQ=${SEQ:-2048}
 BATCH=${BATCH:-8}
 PRECISION=${PRECISION:-bf16}
@@ -43,9 +43,9 @@ if [ -z "${CLUSTER:-}" ]; then  # CLUSTER=FILE: an earlier calibration of this d
     CLUSTER=$OUT/cluster.json
     [ -f "$CLUSTER" ] || CLUSTER=h200
 fi
-stage bench 240 $PY -m autopar bench --model "$MODEL" -n 1 --cluster "$CLUSTER" --seq-len "$SEQ" \
+stage bench 280 $PY -m autopar bench --model "$MODEL" -n 1 --cluster "$CLUSTER" --seq-len "$SEQ" \
     --global-batch "$BATCH" --precision "$PRECISION" --top 2 --warmup 2 --steps "$STEPS" --rounds "$ROUNDS" \
     --json "$OUT/bench.json" --plot "$OUT/bench.png"
-stage bench_other 150 $PY -m autopar bench --model "$OTHER" -n 1 --cluster "$CLUSTER" --seq-len "$SEQ" \
+[ -z "$OTHER" ] || stage bench_other 150 $PY -m autopar bench --model "$OTHER" -n 1 --cluster "$CLUSTER" --seq-len "$SEQ" \
     --global-batch "$BATCH" --precision "$PRECISION" --top 1 --warmup 2 --steps "$STEPS" --rounds "$ROUNDS" \
     --json "$OUT/bench_other.json"
