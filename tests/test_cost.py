@@ -91,10 +91,16 @@ def test_memory_terms_follow_zero_stages_and_precision(precision, dtype_bytes, h
     p_max = max(c.params for c in layer_costs(profile, cluster, tp=1, sequence_parallel=False,
                                               recompute=Recompute.NONE, opts=CostOptions()))
     w, g, o = held
-    assert (mems[0]["weights"], mems[0]["grads"], mems[0]["optimizer"]) == pytest.approx((P * w, P * g, P * o))
-    for zero in (2, 3):
+    steps = 4 * sum(layer.param_tensors * layer.count for layer in profile.layers)  # AdamW's step counters
+    # wte, wpe; 24 blocks of 16 (12 tensors, c_attn's weight and bias counted as unfused q/k/v: an upper
+    # bound); ln_f; lm_head tied
+    assert steps == 4 * (2 + 24 * 16 + 2)
+    assert (mems[0]["weights"], mems[0]["grads"], mems[0]["optimizer"]) == pytest.approx(
+        (P * w, P * g, P * o + steps))
+    assert all(m["batch"] == 8 * 1024 * 8 * 2 for m in mems.values())  # the loop's ids and labels, int64
+    for zero in (2, 3):  # every rank keeps a counter for each of its shards
         assert (mems[zero]["weights"], mems[zero]["grads"], mems[zero]["optimizer"]) == pytest.approx(
-            (P * w / 8, P * g / 8, P * o / 8))
+            (P * w / 8, P * g / 8, P * o / 8 + steps))
     # The rest of the transient term (recompute work space, no sends) is the same in every stage.
     base = mems[0]["transient"] - P * compute
     assert mems[2]["transient"] == pytest.approx(base + P * compute + p_max * reduce)

@@ -78,6 +78,8 @@ class Variant:
             rows = ids.shape[0] // w
             ids = ids[r * rows:(r + 1) * rows]
         ids = ids.to(self.device)
+        if track:
+            track.hold_batch(ids)  # labels are the same tensor
         with track.tracking() if track else contextlib.nullcontext():
             loss = self.model(ids, labels=ids, use_cache=False)[0]
             loss.backward()
@@ -148,7 +150,7 @@ def memory_step(variant: Variant, ids: torch.Tensor) -> tuple[float, RankMemory]
         torch.cuda.reset_peak_memory_stats()
     loss, (p, g, _) = variant.step(ids, track)
     o = static_bytes(variant.params, variant.optim)[2]  # the state after the step (created by the first)
-    mem = RankMemory(params=p, grads=g, optimizer=o, activations=track.peak)
+    mem = RankMemory(params=p, grads=g, optimizer=o, activations=track.peak, batch=track.batch_bytes)
     if cuda:
         torch.cuda.synchronize()
         mem.cuda_peak = int(torch.cuda.max_memory_allocated() - before + p + o)

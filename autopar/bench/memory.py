@@ -37,15 +37,18 @@ class RankMemory:
     optimizer: int = 0
     """Every tensor in the optimizer's state (AdamW: exp_avg, exp_avg_sq; the step counters too)."""
     activations: int = 0
-    """Peak bytes saved for backward at once during the step."""
+    """Peak bytes saved for backward at once during the step (the batch's storage left out: ``batch``)."""
+    batch: int = 0
+    """Bytes of the batch the loop handed the model (token ids; labels when they are another tensor), on
+    this rank's device. Saved views of it (a micro-batch's ids) are this storage, counted here once."""
     cuda_peak: int | None = None
     """CUDA only: the allocator's peak during the step, less what was allocated before it, plus this
     model's parameters and optimizer state (other models alive in the process are not counted)."""
 
     @property
     def counted(self) -> int:
-        """The CPU-countable terms: parameters + gradients + optimizer state + saved activations."""
-        return self.params + self.grads + self.optimizer + self.activations
+        """The CPU-countable terms: parameters + gradients + optimizer state + saved activations + the batch."""
+        return self.params + self.grads + self.optimizer + self.activations + self.batch
 
     def to_dict(self) -> dict:
         return asdict(self) | {"counted": self.counted}
@@ -64,12 +67,22 @@ class _Held:
 
 
 class SavedBytes:
-    """Peak bytes saved for backward, storages counted once, parameters left out."""
+    """Peak bytes saved for backward, storages counted once, parameters and the loop's batch left out."""
 
     def __init__(self, params) -> None:
         self.param_storages = {_storage_key(p) for p in params}
         self.live: dict[int, list[int]] = {}  # storage key -> [saved tensors holding it, bytes]
         self.now = self.peak = 0
+        self.batch_bytes = 0
+
+    def hold_batch(self, *tensors: torch.Tensor) -> None:
+        """``tensors`` are the batch the loop holds for the whole step: counted once in ``batch_bytes``,
+        never as saved activations."""
+        for t in tensors:
+            key = _storage_key(t)
+            if key is not None and key not in self.param_storages:
+                self.param_storages.add(key)
+                self.batch_bytes += t.untyped_storage().nbytes()
 
     def pack(self, t: torch.Tensor):
         if isinstance(t, torch.nn.Parameter) or isinstance(getattr(t, "_base", None), torch.nn.Parameter):

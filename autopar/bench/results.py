@@ -11,7 +11,7 @@ import statistics
 
 BENCH_FORMAT = "autopar-bench"
 BENCH_FORMAT_VERSION = 1
-COUNTED_TERMS = ("weights", "grads", "optimizer", "activations")
+COUNTED_TERMS = ("weights", "grads", "optimizer", "activations", "batch")
 """The predicted memory terms a CPU run counts (autopar.bench.memory): the plan's reserve, transient copies
 and send buffers exist too but are not counted on CPU."""
 
@@ -47,7 +47,8 @@ def memory_check(predicted: dict | None, memory: list[dict]) -> list[dict]:
                     "measured_bytes": have, "ratio": want / have if have else None,
                     "predicted_terms": {k: stage["memory_bytes"].get(k, 0.0) for k in COUNTED_TERMS},
                     "measured_terms": {"weights": mem["params"], "grads": mem["grads"],
-                                       "optimizer": mem["optimizer"], "activations": mem["activations"]}})
+                                       "optimizer": mem["optimizer"], "activations": mem["activations"],
+                                       "batch": mem.get("batch", 0)}})
     return out
 
 

@@ -91,6 +91,16 @@ def optimizer_traffic_bytes(precision: Precision) -> int:
     return 2 * (b.weights + b.optimizer) + b.grads
 
 
+OPTIMIZER_STEP_BYTES = 4
+"""AdamW's ``step`` counter: one fp32 0-dim tensor per parameter tensor, whatever the precision
+(torch.optim.adamw ``_init_group``: ``torch.tensor(0.0, dtype=_get_scalar_dtype())``)."""
+
+BATCH_TENSORS = 2
+"""What the user's loop holds on the device for a step: the global batch's token ids and labels, int64
+(autopar.profile.analytic.INDEX_BYTES) each; the autopar executor hands every rank the whole batch and
+slices it there (views: a micro-batch's saved ids are the batch's storage)."""
+
+
 # --- Memory reserve ------------------------------------------------------------
 
 ALLOCATOR_FRAGMENTATION = 0.05

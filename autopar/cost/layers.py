@@ -80,6 +80,10 @@ class LayerCost:
     """Parameters held on this device (after TP sharding)."""
     act_bytes: float
     """Bytes kept for backward per sequence."""
+    call_act_bytes: float = 0.0
+    """Bytes kept for backward once per micro-batch (``LayerProfile.call_saved_bytes``)."""
+    tensors: int = 0
+    """Parameter tensors of this layer on this device (``LayerProfile.param_tensors``)."""
     work_bytes: float
     """Extra bytes alive while this layer's backward runs (recomputed activations)."""
     output_bytes: float
@@ -143,6 +147,7 @@ def layer_costs(profile: ModelProfile, cluster: ClusterSpec, *, tp: int, sequenc
             out.append(LayerCost(
                 name=name, kind=layer.kind, fwd_s=fwd_s, bwd_s=bwd_s, tp_bytes=tp_bytes,
                 tp_collectives=collectives, params=layer.params.at(tp), act_bytes=act, work_bytes=work,
+                call_act_bytes=layer.call_saved_bytes, tensors=layer.param_tensors,
                 output_bytes=layer.output_bytes, tied_to=layer.tied_to, micro_batch_size=micro_batch_size,
             ))
     return out
@@ -167,9 +172,13 @@ def _saved_bytes(layer, recompute: Recompute, tp: int, sp: bool, regather: bool 
     """Bytes one sequence leaves saved for backward. Under sequence parallelism the replicated part is split
     over tp except the all-gathered inputs the column-parallel linears keep whole
     (``LayerProfile.sp_gathered_bytes``): ``(replicated - gathered + sharded) / tp + gathered``; with
-    ``regather`` (``CostOptions.sp_regather``) they keep the shard too."""
-    gathered = 0.0 if regather else _gathered(layer, recompute, sp)
-    return layer.activation_bytes[recompute].at(tp, sp) + gathered * (1 - 1 / tp)
+    ``regather`` (``CostOptions.sp_regather``) they keep the shard too. Integer indices
+    (``LayerProfile.index_bytes``) stay whole either way, and under tensor parallelism the layer saves
+    ``LayerProfile.tp_saved_bytes`` more."""
+    whole = (0.0 if regather else _gathered(layer, recompute, sp)) + (layer.index_bytes.get(recompute, 0.0)
+                                                                        if sp else 0.0)
+    extra = layer.tp_saved_bytes if tp > 1 else 0.0
+    return layer.activation_bytes[recompute].at(tp, sp) + whole * (1 - 1 / tp) + extra
 
 
 def _gathered(layer, recompute: Recompute, sp: bool) -> float:

@@ -30,6 +30,7 @@ from autopar.cost.data_parallel import (
     optimizer_step_s,
 )
 from autopar.plan.types import Plan, Schedule
+from autopar.profile.analytic import INDEX_BYTES
 from autopar.profile.types import LayerKind, ModelProfile
 
 
@@ -187,8 +188,10 @@ def params_per_pipeline_rank(profile: ModelProfile, cluster: ClusterSpec, plan: 
     return _device_params(costs, chunk_ranges(profile, plan), plan)
 
 
-def _device_params(costs: list[LayerCost], ranges: list[range], plan: Plan) -> list[float]:
-    """Parameters held per pipeline rank; a tied weight counts once per rank."""
+def _device_params(costs: list[LayerCost], ranges: list[range], plan: Plan,
+                   what: str = "params") -> list[float]:
+    """Parameters (or parameter tensors: ``what="tensors"``) held per pipeline rank; a tied weight counts
+    once per rank."""
     owners: dict[str, int] = {}
     for c, r in enumerate(ranges):
         for i in r:
@@ -199,7 +202,7 @@ def _device_params(costs: list[LayerCost], ranges: list[range], plan: Plan) -> l
         for i in r:
             tied = costs[i].tied_to
             if tied is None or owners.get(tied) != rank:
-                params[rank] += costs[i].params
+                params[rank] += getattr(costs[i], what) or (1 if what == "tensors" and tied else 0)
     return params
 
 
@@ -214,6 +217,7 @@ class _Device:
     act_bytes: float  # held at peak, all chunks
     work_bytes: float
     max_layer_params: float
+    tensors: float = 0.0  # parameter tensors
 
 
 def _chunk_fwd_bwd(layer_list: list[LayerCost], plan: Plan, cluster: ClusterSpec, opts: CostOptions,
@@ -254,13 +258,14 @@ def _devices(costs: list[LayerCost], ranges: list[range], plan: Plan, cluster: C
         d["fwd"] += b * sum(x.fwd_s for x in layer_list)
         d["bwd"] += b * sum(x.bwd_s for x in layer_list)
         d["layers"] += len(layer_list)
-        d["act"] += inflight[c] * b * sum(x.act_bytes for x in layer_list)
+        d["act"] += inflight[c] * sum(b * x.act_bytes + x.call_act_bytes for x in layer_list)
         d["work"] = max(d["work"], b * max(x.work_bytes for x in layer_list))
         d["maxp"] = max(d["maxp"], max(x.params for x in layer_list))
         chunks.append((fwd_s, bwd_s, tp_s))
     params = _device_params(costs, ranges, plan)
+    tensors = _device_params(costs, ranges, plan, "tensors")
     devices = [_Device(a["compute"], a["tp"], a["fwd"], a["bwd"], params[i], a["layers"], a["act"], a["work"],
-                       a["maxp"]) for i, a in enumerate(acc)]
+                       a["maxp"], tensors[i]) for i, a in enumerate(acc)]
     return devices, chunks
 
 
@@ -277,9 +282,10 @@ def _memory(dev: _Device, plan: Plan, cluster: ClusterSpec, p2p_bytes: float,
     return user | {
         "weights": dev.params * per["weights"],
         "grads": dev.params * per["grads"],
-        "optimizer": dev.params * per["optimizer"],
+        "optimizer": dev.params * per["optimizer"] + dev.tensors * C.OPTIMIZER_STEP_BYTES,
         "activations": dev.act_bytes,
         "transient": transient,
+        "batch": plan.global_batch_size * plan.seq_len * INDEX_BYTES * C.BATCH_TENSORS,
         "comm_buffers": C.NCCL_BUFFER_BYTES * communicators(plan),
         "reserve": cluster.device.context_bytes + C.ALLOCATOR_FRAGMENTATION * capacity,
     }

@@ -67,6 +67,24 @@ LOSS_DTYPE_BYTES = 4
 INDEX_BYTES = 8
 """Token ids, position ids and labels are int64."""
 
+BOOL_BYTES = 1
+"""torch.bool: the vocab-parallel embedding's out-of-shard mask (``LayerProfile.tp_saved_bytes``)."""
+
+
+def param_tensors(arch: ArchConfig) -> dict[str, int]:
+    """Parameter tensors of one instance of each layer (``LayerProfile.param_tensors``): weights and
+    biases apart, q/k/v and gate/up counted as unfused (an upper bound for fused families), norms by
+    ``norm_params`` (2: weight and bias). OPT's project_in/out sit with the embedding, as its
+    parameters do."""
+    linear = 1 + 1  # weight, bias
+    block = (3 * (linear if arch.qkv_bias else 1) + (linear if arch.out_bias else 1)
+             + (3 if arch.gated_mlp else 2) * (linear if arch.mlp_bias else 1)
+             + arch.block_norms * arch.norm_params + (2 if arch.qk_norm else 0))
+    embedding = (1 + int(arch.learned_positions) + (arch.norm_params if arch.embedding_norm else 0)
+                 + (2 if arch.embed_dim else 0))
+    return {"embedding": embedding, "block": block, "final_norm": arch.norm_params,
+            "head": 0 if arch.tie_word_embeddings else 1}
+
 MODULE_NAMES = {name: spec.module_names for name, spec in FAMILIES.items()}
 """A read-only view of the registry (autopar.families): ``model_type`` -> (embedding, block pattern,
 final norm, LM head). The registry is the source; this stays for the modules that import it."""
@@ -345,6 +363,7 @@ def _block(arch: ArchConfig, s: int, e: int, k: _Kernels, names: tuple[str, ...]
         # selective recomputation checkpoints the attention (its gather included), full the whole block.
         sp_gathered_bytes={Recompute.NONE: _linear_inputs(arch) * sh * e,
                            Recompute.SELECTIVE: (_linear_inputs(arch) - 1) * sh * e},
+        param_tensors=param_tensors(arch)["block"],
         gemms=block_gemms(arch, s),
         attention=AttentionCore(heads=arch.num_attention_heads, seq_len=s, head_dim=arch.head_dim,
                                 kernel="fused" if k.fused else "eager"),
@@ -366,7 +385,7 @@ def _core_traffic(arch: ArchConfig, s: int, e: int, k: _Kernels) -> float:
 def _simple(kind: LayerKind, name: str, params: TPSplit, saved: dict[Recompute, TPSplit], traffic: TPSplit,
             output_bytes: float, fwd_flops: TPSplit = TPSplit(), tied_to: str | None = None,
             tp_allreduce_bytes: float = 0.0, sp_gathered_bytes: dict | None = None,
-            gemms: tuple[Gemm, ...] = ()) -> LayerProfile:
+            gemms: tuple[Gemm, ...] = (), **extra) -> LayerProfile:
     """A layer that is not a block: no recomputation applies to it."""
     zero = {m: TPSplit() for m in Recompute}
     return LayerProfile(
@@ -376,16 +395,18 @@ def _simple(kind: LayerKind, name: str, params: TPSplit, saved: dict[Recompute, 
         activation_bytes=saved, recompute_flops=zero,
         recompute_traffic_bytes=zero, output_bytes=output_bytes, tied_to=tied_to,
         tp_allreduce_bytes=tp_allreduce_bytes, sp_gathered_bytes=sp_gathered_bytes or {}, gemms=gemms,
+        **extra,
     )
 
 
-def _embedding_saved(arch: ArchConfig, s: int, e: int, attention: str, k: _Kernels) -> dict[Recompute, TPSplit]:
+def _embedding_saved(arch: ArchConfig, s: int, e: int, attention: str,
+                     k: _Kernels) -> tuple[dict[Recompute, TPSplit], dict[Recompute, float]]:
     """Token ids (and the position ids of a learned table), the dropout mask,
     BLOOM's embedding LayerNorm and OPT's project_in inputs, and the tensors the
     model builds once and hands to every block: rotary cos/sin (saved by each
     block's multiply, or held by each checkpoint), and under full recomputation
     also the position ids and eager attention's s x s mask, which the
-    checkpoints hold as arguments."""
+    checkpoints hold as arguments. Second: of those, the integer indices (ids), for each mode."""
     sh = s * arch.hidden_size
     ids = s * INDEX_BYTES * (2 if arch.learned_positions else 1)
     mask = sh * k.mask_bytes if arch.embd_dropout > 0 else 0
@@ -399,7 +420,9 @@ def _embedding_saved(arch: ArchConfig, s: int, e: int, attention: str, k: _Kerne
     eager = attention == "eager" or not arch.sdpa
     held_args = (s * INDEX_BYTES if rotary else 0) + (s * s * e * len(attention_kinds(arch)) if eager else 0)
     full = TPSplit(base.replicated + held_args, 0.0)
-    return {Recompute.NONE: base, Recompute.SELECTIVE: base, Recompute.FULL: full}
+    held_ids = s * INDEX_BYTES if rotary else 0
+    return ({Recompute.NONE: base, Recompute.SELECTIVE: base, Recompute.FULL: full},
+            {Recompute.NONE: ids, Recompute.SELECTIVE: ids, Recompute.FULL: ids + held_ids})
 
 
 def _embedding(arch: ArchConfig, s: int, e: int, attention: str, k: _Kernels) -> LayerProfile:
@@ -410,13 +433,15 @@ def _embedding(arch: ArchConfig, s: int, e: int, attention: str, k: _Kernels) ->
     positions = h * (arch.max_position_embeddings + arch.position_offset) if arch.learned_positions else 0
     extras = positions + (arch.norm_params * h if arch.embedding_norm else 0) + 2 * wp * h
     embd_mask = sh * k.mask_bytes if arch.embd_dropout > 0 else 0
+    saved, index = _embedding_saved(arch, s, e, attention, k)
     return _simple(
         LayerKind.EMBEDDING, arch.spec.embedding, TPSplit(extras, arch.vocab_size * arch.token_width),
-        _embedding_saved(arch, s, e, attention, k),
+        saved,
         TPSplit((3 if arch.learned_positions else 1) * sh * e + embd_mask, 0.0), sh * e,
         fwd_flops=TPSplit(2.0 * s * wp * h, 0.0),  # project_in: s x wp @ wp x h
         tp_allreduce_bytes=sh * e,  # vocab-parallel embedding sums partial lookups
         gemms=(Gemm(s, wp, h),) if wp else (),
+        index_bytes=index, tp_saved_bytes=s * BOOL_BYTES, param_tensors=param_tensors(arch)["embedding"],
     )
 
 
@@ -426,7 +451,8 @@ def _final_norm(arch: ArchConfig, s: int, e: int) -> LayerProfile:
     saved = TPSplit(_norm_saved(arch, s, e) + (sh * e if wp else 0), 0.0)
     return _simple(LayerKind.FINAL_NORM, arch.spec.final_norm, TPSplit(arch.norm_params * arch.hidden_size, 0.0),
                    {m: saved for m in Recompute}, TPSplit(2 * sh * e, 0.0), s * arch.token_width * e,
-                   fwd_flops=TPSplit(2.0 * sh * wp, 0.0), gemms=(Gemm(s, arch.hidden_size, wp),) if wp else ())
+                   fwd_flops=TPSplit(2.0 * sh * wp, 0.0), gemms=(Gemm(s, arch.hidden_size, wp),) if wp else (),
+                   param_tensors=param_tensors(arch)["final_norm"])
 
 
 SOFTCAP_DEFAULTS = {"final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}
@@ -455,6 +481,8 @@ def _head(arch: ArchConfig, s: int, e: int) -> LayerProfile:
         tied_to=arch.spec.embedding if arch.tie_word_embeddings else None,
         sp_gathered_bytes={m: s * w * e for m in Recompute},  # the head's input, all-gathered under SP
         gemms=(Gemm(s, w, V, "cols"),),
+        index_bytes={m: s * INDEX_BYTES for m in Recompute},  # the labels
+        call_saved_bytes=LOSS_DTYPE_BYTES, param_tensors=param_tensors(arch)["head"],
     )
 
 

@@ -133,6 +133,19 @@ class LayerProfile:
     all-gather the sequence-sharded input and the column-parallel linears save the gathered tensor
     (Megatron-LM instead keeps the shard and gathers again in backward; Korthikanti et al. 2022 §4.2.2
     price that). Absent modes: nothing."""
+    index_bytes: dict[Recompute, float] = field(default_factory=dict)
+    """Of ``activation_bytes``' replicated part, for each recomputation mode: integer indices (token and
+    position ids, labels), which every rank of a TP group keeps whole, sequence parallel or not. Absent
+    modes: nothing."""
+    tp_saved_bytes: float = 0.0
+    """Bytes one sequence saves only under tensor parallelism, whole on every rank of the group: the
+    vocab-parallel embedding's out-of-shard mask (torch's ``MaskPartial``, one bool a token)."""
+    call_saved_bytes: float = 0.0
+    """Bytes saved once per micro-batch whatever its size: the loss's fp32 normaliser (transformers'
+    loss divides its sum by ``num_items_in_batch``, a 0-dim tensor autograd keeps)."""
+    param_tensors: int = 0
+    """Parameter tensors of one instance (weights and biases counted apart; fused projections counted
+    as if unfused, an upper bound): each carries AdamW's ``step`` counter."""
     gemms: tuple[Gemm, ...] = ()
     """The weight matmuls of one forward, by shape (their FLOPs are ``fwd_flops`` less the attention
     core's); empty: priced at the device's best matmul rate."""
