@@ -83,6 +83,10 @@ class DeviceSpec:
     """Measured rate of the LM head's loss (cross-entropy forward and backward, logits upcast to fp32) over
     the bytes the profile counts for it (autopar.profile.analytic ``_head``): ``autopar calibrate``'s
     ``cross_entropy`` kernel; 0 prices them at ``hbm_bytes_per_s`` like every memory-bound kernel."""
+    loss_parallel_bytes_per_s: float = 0.0
+    """The same under tensor parallelism: torch's ``loss_parallel()`` runs the vocab-sharded loss as unfused
+    DTensor ops (``autopar calibrate``'s ``loss_parallel`` kernel, over the same counted bytes); 0 prices it
+    like the fused loss."""
     measured_matmul: tuple[tuple[int, int, int, float], ...] = ()
     """Measured (M, K, N, FLOP/s) of single bf16 matmuls on this device; when present they replace the
     tile model (docs/clusters.md, "Measured kernels"; ``autopar explain --measure``, ``autopar calibrate``)."""
@@ -315,8 +319,9 @@ def cluster_from_dict(data: dict, name: str = "custom") -> ClusterSpec:
     raw_device = data["device"]
     matmul, attention = measured_kernels_from_dict(raw_device.get("measured"), where, dev["peak_tflops"])
     kernels = {k: dev[k] for k in ("sm_count", "matmul_ceiling", "attention_ceiling") if raw_device.get(k) is not None}
-    if raw_device.get("loss_TBps") is not None:
-        kernels["loss_bytes_per_s"] = dev["loss_TBps"] * 1e12
+    for key, field_name in (("loss_TBps", "loss_bytes_per_s"), ("loss_parallel_TBps", "loss_parallel_bytes_per_s")):
+        if raw_device.get(key) is not None:
+            kernels[field_name] = dev[key] * 1e12
     device = DeviceSpec(
         name=dev["name"],
         peak_flops_per_s=dev["peak_tflops"] * 1e12,
@@ -498,6 +503,8 @@ def cluster_to_dict(cluster: ClusterSpec, source: str = "") -> dict:
               "attention_ceiling": dev.attention_ceiling}
     if dev.loss_bytes_per_s:
         device["loss_TBps"] = dev.loss_bytes_per_s / 1e12
+    if dev.loss_parallel_bytes_per_s:
+        device["loss_parallel_TBps"] = dev.loss_parallel_bytes_per_s / 1e12
     if dev.measured_matmul or dev.measured_attention:
         device["measured"] = measured_kernels_to_dict(dev, source)
     device["kind"] = dev.kind

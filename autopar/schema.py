@@ -551,6 +551,8 @@ CLUSTER_DEVICE: tuple[Field, ...] = (
     _positive("matmul_ceiling", 1e-3, 1.0, "a fraction of peak_tflops: a matmul cannot beat the peak", default=0.8),
     _positive("attention_ceiling", 1e-3, 1.0, "a fraction of peak_tflops", default=0.5),
     _positive("loss_TBps", 1e-9, 1e3, "1 PB/s: the LM head's loss kernels' measured rate (autopar calibrate)"),
+    _positive("loss_parallel_TBps", 1e-9, 1e3,
+              "1 PB/s: the vocab-parallel loss's measured rate under tensor parallelism (autopar calibrate)"),
     Field(key="kind", kind="choice", choices=("gpu", "cpu"), default="gpu",
           why="a GPU, or a host's cores shared by gloo processes (autopar calibrate on a CPU)"),
 )

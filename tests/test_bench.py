@@ -341,6 +341,42 @@ def test_the_measured_loss_rate_prices_the_lm_heads_traffic_and_nothing_else():
     assert all(after[n].fwd_s == before[n].fwd_s for n in after if n != name)
 
 
+def test_under_tensor_parallelism_the_lm_heads_traffic_is_priced_at_the_measured_loss_parallel_rate():
+    """calibrate's loss_parallel kernel (torch's loss_parallel() over vocab-sharded logits) becomes
+    device.loss_parallel_TBps, kept out of the element-wise mean; under tp > 1 the LM head's traffic is priced
+    at it, at tp 1 at the fused loss's rate."""
+    from autopar.bench.calibrate import cluster_json
+    from autopar.cluster import cluster_from_dict, cluster_to_dict
+    from autopar.cost.layers import CostOptions, layer_costs
+    from autopar.profile.analytic import profile_analytic
+    from autopar.profile.config import arch_from_dict
+    from autopar.profile.types import LayerKind, Recompute
+
+    raw = _raw_calibration()
+    plain = cluster_from_dict(cluster_json(raw, "test"), name="plain")
+    raw["elementwise"] += [{"kernel": "cross_entropy", "bytes": 1, "bytes_per_s": 1e9},
+                           {"kernel": "loss_parallel", "bytes": 1, "bytes_per_s": 4e8}]
+    data = cluster_json(raw, "test")
+    assert data["device"]["loss_parallel_TBps"] == pytest.approx(4e-4)
+    assert data["device"]["hbm_TBps"] == plain.device.hbm_bytes_per_s / 1e12  # not in the element-wise mean
+    cluster = cluster_from_dict(json.loads(json.dumps(data)), name="loss")
+    again = cluster_from_dict(cluster_to_dict(cluster), "again").device
+    assert (again.loss_bytes_per_s, again.loss_parallel_bytes_per_s) == pytest.approx((1e9, 4e8))
+    arch = arch_from_dict("tiny-gpt", {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4,
+                                       "vocab_size": 4096, "n_positions": 128})
+    profile = profile_analytic(arch, seq_len=128, dtype_bytes=4, device_type="cpu")
+    head = next(layer for _, layer in profile.flat_layers() if layer.kind is LayerKind.LM_HEAD)
+    name = head.module_names[0]
+    for tp, rate in ((1, 1e9), (2, 4e8)):
+        kw = dict(tp=tp, sequence_parallel=tp > 1, recompute=Recompute.NONE, opts=CostOptions(), micro_batch_size=1)
+        before = {c.name: c for c in layer_costs(profile, plain, **kw)}
+        after = {c.name: c for c in layer_costs(profile, cluster, **kw)}
+        traffic = head.fwd_traffic_bytes.at(tp, tp > 1) + head.bwd_traffic_bytes.at(tp, tp > 1)
+        mem = plain.device.hbm_bytes_per_s * CostOptions().memory_efficiency
+        shift = (after[name].fwd_s + after[name].bwd_s) - (before[name].fwd_s + before[name].bwd_s)
+        assert shift == pytest.approx(traffic / rate - traffic / mem, rel=1e-9), tp
+
+
 def test_on_a_calibrated_cpu_the_bounds_hold_and_the_pruned_search_finds_the_fastest_plan():
     """A measured kernel table need not grow with the micro-batch (a CPU's rates do not), and a layout's fixed
     cost depends on its dp and ZeRO stage: every bound stays below the exact cost, and the pruned search

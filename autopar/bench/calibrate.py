@@ -55,6 +55,10 @@ def _fits(rows: list[dict], key) -> list[tuple]:
     return [(*k, *fit_line(v)) for k, v in sorted(groups.items())]
 
 
+LOSS_KERNELS = ("cross_entropy", "loss_parallel")
+"""The loss's kernels (priced at their own rates), left out of the element-wise bandwidth."""
+
+
 def cluster_json(raw: dict, command: str) -> dict:
     """The cluster JSON (docs/clusters.md#measured) for a worker's raw record."""
     where = raw["where"]
@@ -64,9 +68,10 @@ def cluster_json(raw: dict, command: str) -> dict:
     gemm = raw["gemm"]
     peak = max(r["flops_per_s"] for r in gemm + raw.get("attention", []))
     memory = where["device_memory_bytes"] / (max(1.0, per_unit) if gpu else where["ranks_per_node"])
-    kernels = [k for k in raw["elementwise"] if k["kernel"] != "cross_entropy"]
+    kernels = [k for k in raw["elementwise"] if k["kernel"] not in LOSS_KERNELS]
     hbm = len(kernels) / sum(1.0 / k["bytes_per_s"] for k in kernels)  # each kernel moving the same bytes
     loss = [k["bytes_per_s"] for k in raw["elementwise"] if k["kernel"] == "cross_entropy"]
+    sharded = [k["bytes_per_s"] for k in raw["elementwise"] if k["kernel"] == "loss_parallel"]
     calibration = (f"{command} on {where['host']} ({where['device_name']}, {where['world_size']} ranks, "
                    f"{where['backend']}, torch {where['torch']}) at {raw['when']}")
     colls = _fits(raw.get("collectives", []), lambda r: (r["op"], r["group"], r["inter_node"]))
@@ -76,6 +81,7 @@ def cluster_json(raw: dict, command: str) -> dict:
         "peak_tflops": peak / 1e12, "memory_gib": memory / GIB, "hbm_TBps": hbm / 1e12,
         "context_gib": raw["runtime_memory_bytes"] / GIB, "matmul_ceiling": 1.0,
         **({"loss_TBps": loss[0] / 1e12} if loss else {}),
+        **({"loss_parallel_TBps": sharded[0] / 1e12} if sharded else {}),
         "measured": {"source": calibration,
                      "matmul": [[r["m"], r["k"], r["n"], r["flops_per_s"] / 1e12] for r in gemm],
                      "attention": [[r["seq_len"], r["head_dim"], *([r["batch_heads"]] if "batch_heads" in r else []),
@@ -203,6 +209,9 @@ def print_summary(data: dict, out: Path) -> None:
     rates = [r[3] for r in dev["measured"]["matmul"]]
     t.add_row("matmul TFLOP/s (min / max over shapes)", f"{min(rates):.4f} / {max(rates):.4f}")
     t.add_row("element-wise GB/s (harmonic mean)", f"{dev['hbm_TBps'] * 1e3:.2f}")
+    for key, what in (("loss_TBps", "the loss"), ("loss_parallel_TBps", "the vocab-parallel loss (TP)")):
+        if dev.get(key):
+            t.add_row(f"{what}, GB/s of the counted traffic", f"{dev[key] * 1e3:.2f}")
     t.add_row("ranks per core/device (counted) | slowdown when all compute (measured)",
               f"{m['ranks_per_device']:.2f} | {m['shared_slowdown']:.2f}")
     t.add_row("communication hidden behind compute (measured)", f"{m['comm_overlap']:.0%}")

@@ -162,7 +162,8 @@ def elementwise_rows(dtype: torch.dtype, device: torch.device) -> list[dict]:
     }
     rows = [{"kernel": name, "bytes": moved, "bytes_per_s": moved / alone(fn, device)}
             for name, (fn, moved) in kernels.items()]
-    return rows + [cross_entropy_row(dtype, device)]
+    sharded = loss_parallel_row(dtype, device)
+    return rows + [cross_entropy_row(dtype, device)] + ([sharded] if sharded else [])
 
 
 LOSS_VOCAB = 32768
@@ -187,6 +188,41 @@ def cross_entropy_row(dtype: torch.dtype, device: torch.device) -> dict:
 
     moved = rows * LOSS_VOCAB * (e + 4 * LOSS_DTYPE_BYTES) * (1 + BWD_TRAFFIC_PER_FWD)
     return {"kernel": "cross_entropy", "bytes": moved, "bytes_per_s": moved / alone(step, device)}
+
+
+def loss_parallel_row(dtype: torch.dtype, device: torch.device) -> dict | None:
+    """The same loss as :func:`cross_entropy_row`, vocab-sharded, as tensor parallelism runs it: torch's
+    ``loss_parallel()`` over ``Shard(1)`` logits decomposes log-softmax and the NLL into unfused element-wise
+    DTensor ops (``torch.distributed.tensor.parallel.loss``: max, subtract, exp, sum, log, subtract forward;
+    zeros, exp, add, multiply backward), so per logit it moves more bytes than the fused kernel. Timed on
+    rank 0 alone over a one-rank mesh (its all-reduces are then free: the TP groups' collectives are priced
+    apart), as bytes per second of the traffic the profile counts; None with one rank (no TP to price)."""
+    if not dist.is_initialized() or dist.get_world_size() < 2:
+        return None
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from autopar.profile.analytic import BWD_TRAFFIC_PER_FWD, LOSS_DTYPE_BYTES
+
+    group = dist.new_group([0])  # every rank creates it; only rank 0 is in it
+    e = torch.tensor([], dtype=dtype).element_size()
+    rows = max(1, elementwise_bytes(device) // (LOSS_VOCAB * e))
+    moved = rows * LOSS_VOCAB * (e + 4 * LOSS_DTYPE_BYTES) * (1 + BWD_TRAFFIC_PER_FWD)
+    step = lambda: None  # noqa: E731 (ranks other than 0 only wait)
+    if _rank() == 0:
+        mesh = DeviceMesh.from_group(group, device.type)
+        logits = distribute_tensor(torch.randn(rows, LOSS_VOCAB, dtype=dtype, device=device), mesh, [Shard(1)])
+        logits.requires_grad_()
+        labels = distribute_tensor(torch.randint(0, LOSS_VOCAB, (rows,), device=device), mesh, [Replicate()])
+
+        def step() -> None:
+            with loss_parallel():
+                torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").backward()
+            logits.grad = None
+
+    seconds = alone(step, device)
+    return {"kernel": "loss_parallel", "bytes": moved, "bytes_per_s": moved / seconds}
 
 
 def elementwise_bytes(device: torch.device) -> int:

@@ -98,6 +98,8 @@ def _compute_s(layer, device, tp: int, sp: bool, recompute: Recompute, opts: Cos
     mem = device.hbm_bytes_per_s * opts.memory_efficiency
     if layer.kind is LayerKind.LM_HEAD and device.loss_bytes_per_s:  # the loss's kernels, measured (achieved)
         mem = device.loss_bytes_per_s
+        if tp > 1 and device.loss_parallel_bytes_per_s:  # vocab-sharded: torch's unfused loss_parallel()
+            mem = device.loss_parallel_bytes_per_s
     fwd_t = layer.fwd_traffic_bytes.at(tp, sp) / mem
     bwd_t = (layer.bwd_traffic_bytes.at(tp, sp) + layer.recompute_traffic_bytes[recompute].at(tp, sp)) / mem
     if opts.gemm_efficiency is not None:  # one flat rate for every matmul FLOP
