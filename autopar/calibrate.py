@@ -35,17 +35,19 @@ from autopar.profile.types import ModelProfile, Recompute
 DEV_SET = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "megatron_sc21_table1.json"
 
 MEGATRON_2021 = CostOptions(overlap_dp_comm=False, pp_scatter_gather=True, dp_reduce_bytes=2, dp_reduce_calls=1,
-                            sp_regather=True)
-"""The runtime of the development set's runs (see the module docstring); under sequence parallelism
+                            sp_regather=True, dp_flat_buffers=True)
+"""The runtime of the development set's runs (see the module docstring; its DDP reduces one contiguous
+gradient buffer the gradients are views of, so no wrapper copies); under sequence parallelism
 Megatron-LM keeps the sequence shard of a linear's input and gathers it again in backward (Korthikanti
 et al. 2022 §4.2.2: Table 1's runs do not use it, development set 2's Megatron-LM rows do)."""
 
-COMPOSER_FSDP = CostOptions(dp_backward_prefetch=False)
+COMPOSER_FSDP = CostOptions(dp_backward_prefetch=False, dp_flat_buffers=True)
 """The FSDP runtime of development set 2's MPT rows: Composer's FSDP (torch FSDP1, FULL_SHARD) with its
 default ``backward_prefetch='BACKWARD_POST'`` and ``forward_prefetch=False`` (composer ``FSDPConfig``;
-llm-foundry's yamls keep both), overlapping its forward gathers and priced otherwise as autopar's own."""
+llm-foundry's yamls keep both), overlapping its forward gathers, communicating from FSDP1's FlatParameter
+(no copies), and priced otherwise as autopar's own."""
 
-COMPOSER_FSDP_PURE = CostOptions(dp_backward_prefetch=False, dp_reduce_bytes=2)
+COMPOSER_FSDP_PURE = CostOptions(dp_backward_prefetch=False, dp_reduce_bytes=2, dp_flat_buffers=True)
 """The same under Composer's ``mixed_precision: PURE`` (composer ``mosaic_fsdp_utils.get_mixed_precision``:
 ``MixedPrecision(param_dtype=reduce_dtype=buffer_dtype=bf16)`` over the fp32 model): fp32 sharded master
 weights, gradients and AdamW state, bf16 gathers, and a bf16 reduce-scatter (2 bytes a gradient element)."""

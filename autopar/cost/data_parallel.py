@@ -153,6 +153,37 @@ def dp_exposed_s(layout, *, params: float, layers: float, bwd_window_s: float, c
     return m * max(gather_one - fwd, gather_one / calls) + (m - 1) * backward + max(backward, last_reduce)
 
 
+# [Note: wrapper copies] FSDP2 shards each parameter on its own, so its collectives run on flat buffers it
+# copies into and out of (torch.distributed.fsdp._fully_shard._fsdp_collectives): an all-gather copies the
+# rank's shards in (``foreach_all_gather``: read and write P/dp) and the gathered buffer out into the
+# unsharded parameters (``foreach_all_gather_copy_out``: read and write P); a reduce-scatter concatenates
+# the unsharded gradients into its input (``chunk_cat``: read and write P) and adds its output shard into
+# the sharded gradient (read two and write one of P/dp). torch's composable ``replicate`` runs the same
+# machinery (one gather per micro-batch, one all-reduce per step). Memory-bound work on the device that
+# computes, per collective: priced as compute at the element-wise rate. Wrappers over flat buffers whose
+# parameters are views (FSDP1's FlatParameter, Megatron-LM's contiguous buffers) copy nothing
+# (``CostOptions.dp_flat_buffers``).
+
+
+def dp_copy_bytes(layout, params: float) -> tuple[float, float]:
+    """(forward, backward) bytes one micro-batch's data-parallel wrapper copies on a device holding
+    ``params`` ([Note: wrapper copies]), per-step copies spread over the micro-batches; (0, 0) when no
+    wrapper runs."""
+    if not dp_wrapped(layout.dp, layout.precision):
+        return 0.0, 0.0
+    b = C.PRECISION_BYTES[layout.precision]
+    dp, m = layout.dp, layout.num_microbatches
+    gather = 2.0 * params * b.compute * (1.0 + 1.0 / dp)
+    reduce = params * b.reduce * (2.0 + 3.0 / dp)
+    reduces, gathers = dp_collectives_per_step(layout)
+    if layout.dp <= 1:  # replicate over one rank (bf16_mixed): the cast copy, no reduction
+        reduces, gathers = 0, m
+    elif executed_zero_stage(layout) == 0:
+        gathers = m  # replicate computes with a gathered copy every micro-batch
+    fwd_gathers = min(gathers, m)  # ZeRO 3 (pp = 1) gathers again for the backward
+    return fwd_gathers * gather / m, ((gathers - fwd_gathers) * gather + reduces * reduce) / m
+
+
 def optimizer_step_s(layout, params: float, hbm_bytes_per_s: float) -> float:
     """The AdamW step over a device's share of ``params`` (sharded over dp under ZeRO 2 and 3)."""
     shard = layout.dp if executed_zero_stage(layout) >= 2 else 1

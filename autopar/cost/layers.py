@@ -57,6 +57,10 @@ class CostOptions:
     """Measured (tp, forward s, backward s) of one block for one sequence, from
     autopar.profile.measured.measure_blocks; for a TP degree listed here they
     replace the roofline for blocks (``explain --measure``)."""
+    dp_flat_buffers: bool = False
+    """The data-parallel wrapper communicates from flat buffers its parameters and gradients are views of
+    (FSDP1, Megatron-LM): no copies; False: FSDP2 and replicate copy into and out of their buffers, as
+    autopar runs them (autopar.cost.data_parallel [Note: wrapper copies])."""
     sp_regather: bool = False
     """Sequence parallelism keeps the sequence shard of a column-parallel linear's input and all-gathers
     it again in backward, overlapped with the weight-gradient matmul (Megatron-LM; Korthikanti et al. 2022

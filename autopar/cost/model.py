@@ -25,6 +25,7 @@ from autopar.cost.layers import CostOptions, LayerCost, collective_s, layer_cost
 from autopar.errors import AutoparError
 from autopar.cost.data_parallel import (
     dp_bytes_per_param,
+    dp_copy_bytes,
     dp_exposed_s,
     dp_layer_bytes_per_param,
     optimizer_step_s,
@@ -237,6 +238,10 @@ def _chunk_fwd_bwd(layer_list: list[LayerCost], plan: Plan, cluster: ClusterSpec
     # with every rank busy at once: it joins their time, which the sharing bound does not scale again.
     blocks = sum(1 for x in layer_list if x.kind is LayerKind.BLOCK)
     tp_s += blocks * cluster.block_fixed_s(plan.tp, plan.dp, plan.zero_stage)
+    if not opts.dp_flat_buffers:  # the data-parallel wrapper's copies (data_parallel [Note: wrapper copies])
+        copy_f, copy_g = dp_copy_bytes(plan, sum(x.params for x in layer_list))
+        rate = cluster.device.hbm_bytes_per_s * opts.memory_efficiency
+        f, g = f + copy_f / rate, g + copy_g / rate
     share = f / (f + g) if f + g > 0 else 0.5
     return f + tp_s * share, g + tp_s * (1 - share), tp_s
 

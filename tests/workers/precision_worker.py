@@ -112,7 +112,8 @@ def train_mixed_by_hand() -> list[float]:
 
 
 def held_bytes(model, optim) -> dict[str, int]:
-    """Bytes of this rank's local parameters, gradients and AdamW moments (its ``step`` counters left out)."""
+    """Bytes of this rank's local parameters, gradients and AdamW state (moments and ``step`` counters), and
+    how many parameter tensors it holds."""
     def local(t):
         return t.to_local() if hasattr(t, "to_local") else t
 
@@ -123,8 +124,8 @@ def held_bytes(model, optim) -> dict[str, int]:
     params = list(model.parameters())
     return {"weights": sum(nbytes(p) for p in params),
             "grads": sum(nbytes(p.grad) for p in params if p.grad is not None),
-            "optimizer": sum(nbytes(v) for s in optim.state.values() for k, v in s.items()
-                             if k in ("exp_avg", "exp_avg_sq"))}
+            "optimizer": sum(nbytes(v) for s in optim.state.values() for v in s.values() if torch.is_tensor(v)),
+            "tensors": len(params)}
 
 
 def compute_dtype(model) -> torch.dtype:
