@@ -341,6 +341,18 @@ def test_the_measured_loss_rate_prices_the_lm_heads_traffic_and_nothing_else():
     assert all(after[n].fwd_s == before[n].fwd_s for n in after if n != name)
 
 
+def test_a_sharing_slowdown_measured_below_the_counted_ranks_per_core_is_raised_to_it():
+    """4 ranks on 2 cores cannot compute at once less than 2x slower than one alone: a measurement of 1.03
+    (seen once on the development machine) becomes 2; one above the count is kept."""
+    from autopar.bench.calibrate import cluster_json
+
+    raw = _raw_calibration()
+    raw["sharing"] = {"ranks_per_unit": 2.0, "shared_slowdown": 1.03}
+    assert cluster_json(raw, "test")["measured"]["shared_slowdown"] == 2.0
+    raw["sharing"] = {"ranks_per_unit": 2.0, "shared_slowdown": 2.57}
+    assert cluster_json(raw, "test")["measured"]["shared_slowdown"] == 2.57
+
+
 def test_under_tensor_parallelism_the_lm_heads_traffic_is_priced_at_the_measured_loss_parallel_rate():
     """calibrate's loss_parallel kernel (torch's loss_parallel() over vocab-sharded logits) becomes
     device.loss_parallel_TBps, kept out of the element-wise mean; under tp > 1 the LM head's traffic is priced

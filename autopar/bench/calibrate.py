@@ -59,6 +59,14 @@ LOSS_KERNELS = ("cross_entropy", "loss_parallel")
 """The loss's kernels (priced at their own rates), left out of the element-wise bandwidth."""
 
 
+def shared_slowdown(sharing: dict) -> float:
+    """The slowdown of a rank's compute when every rank computes at once: the measured one, never below the
+    counted ranks per core or device. R ranks time-sliced on C units cannot run faster than R / C times
+    slower than one alone; a measurement below that (a noisy "alone" sample, a rank that started late) is
+    not physics."""
+    return max(1.0, sharing["ranks_per_unit"], sharing["shared_slowdown"])
+
+
 def cluster_json(raw: dict, command: str) -> dict:
     """The cluster JSON (docs/clusters.md#measured) for a worker's raw record."""
     where = raw["where"]
@@ -93,7 +101,7 @@ def cluster_json(raw: dict, command: str) -> dict:
         "measured": {
             "format_version": MEASURED_FORMAT_VERSION, "calibration": calibration, "command": command,
             "when": raw["when"], "where": where, "dtype": raw["dtype"], "quick": raw.get("quick", False),
-            "ranks_per_device": per_unit, "shared_slowdown": max(1.0, sharing["shared_slowdown"]),
+            "ranks_per_device": per_unit, "shared_slowdown": shared_slowdown(sharing),
             "comm_overlap": raw.get("overlap", {}).get("comm_overlap", 1.0), "overlap_timings": raw.get("overlap"),
             "collectives": [[op, g, inter, lat * 1e6, bw / 1e9] for op, g, inter, lat, bw in colls],
             "p2p": [[inter, lat * 1e6, bw / 1e9] for inter, lat, bw in p2p],
