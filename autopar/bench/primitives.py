@@ -268,14 +268,19 @@ def overhead_rows(device: torch.device) -> dict[str, float]:
 SHARING_SHAPE = (512, 512, 512)
 """The compute-bound matmul whose slowdown with every rank busy measures the sharing (0.27 GFLOP)."""
 
+SHARING_WORK_S = 0.5
+"""Seconds of :data:`SHARING_SHAPE` matmuls each rank runs, alone and all at once, to time the sharing:
+hundreds of the scheduler's time slices (a few ms each on Linux), so the ratio is not one slice's luck
+(short samples measured 1.03, 2.57 and 3.29 for the same 4 ranks on 2 cores)."""
+
 
 def core_sharing(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """How many ranks share a core (CPU) or a device (GPU), counted and measured.
 
     Counted: this node's ranks (torchrun's ``LOCAL_WORLD_SIZE``) times their threads over the cores this
     process may run on (``os.sched_getaffinity``), or over the visible GPUs; at least 1. Measured: the
-    median time of a compute-bound matmul (:data:`SHARING_SHAPE`) with every rank running it at once (the
-    slowest rank's) over its median time on rank 0 alone: about 1 when ranks do not share, above the
+    time :data:`SHARING_WORK_S` of compute-bound matmuls (:data:`SHARING_SHAPE`) take with every rank running
+    them at once (until the slowest finishes) over their time on rank 0 alone: about 1 when ranks do not share, above the
     counted ranks per core when sharing also costs caches and switches.
     """
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -286,12 +291,22 @@ def core_sharing(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
         unit = "cores"
     m, n, k = SHARING_SHAPE
     a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+
+    def work(reps: int) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        _sync(device)
+        return time.perf_counter() - start
+
+    reps = int(_broadcast_float(max(1, int(SHARING_WORK_S / max(alone(lambda: a @ b, device), 1e-7)))))
     if dist.is_initialized():
         dist.barrier()
-    solo = _broadcast_float(time_call(lambda: a @ b, device, samples=2 * SAMPLES) if _rank() == 0 else 0.0)
+    solo = _broadcast_float(work(reps) if _rank() == 0 else 0.0)  # the others wait in the broadcast
     if dist.is_initialized():
         dist.barrier()
-    shared = slowest(time_call(lambda: a @ b, device, samples=2 * SAMPLES))
+    shared = slowest(work(reps))  # the same work on every rank at once: the last one's finish
     threads = 1 if device.type == "cuda" else torch.get_num_threads()
     return {"ranks_per_node": local_world, unit: units, "threads_per_rank": threads,
             "ranks_per_unit": max(1.0, local_world * threads / max(units, 1)), "shared_slowdown": shared / solo}
