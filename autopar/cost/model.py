@@ -203,7 +203,7 @@ def _device_params(costs: list[LayerCost], ranges: list[range], plan: Plan,
         for i in r:
             tied = costs[i].tied_to
             if tied is None or owners.get(tied) != rank:
-                params[rank] += getattr(costs[i], what) or (1 if what == "tensors" and tied else 0)
+                params[rank] += getattr(costs[i], what)
     return params
 
 

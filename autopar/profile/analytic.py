@@ -75,15 +75,15 @@ def param_tensors(arch: ArchConfig) -> dict[str, int]:
     """Parameter tensors of one instance of each layer (``LayerProfile.param_tensors``): weights and
     biases apart, q/k/v and gate/up counted as unfused (an upper bound for fused families), norms by
     ``norm_params`` (2: weight and bias). OPT's project_in/out sit with the embedding, as its
-    parameters do."""
+    parameters do; a tied LM head counts its weight like its parameters (the cost model counts a tied
+    layer once per rank that holds it)."""
     linear = 1 + 1  # weight, bias
     block = (3 * (linear if arch.qkv_bias else 1) + (linear if arch.out_bias else 1)
              + (3 if arch.gated_mlp else 2) * (linear if arch.mlp_bias else 1)
              + arch.block_norms * arch.norm_params + (2 if arch.qk_norm else 0))
     embedding = (1 + int(arch.learned_positions) + (arch.norm_params if arch.embedding_norm else 0)
                  + (2 if arch.embed_dim else 0))
-    return {"embedding": embedding, "block": block, "final_norm": arch.norm_params,
-            "head": 0 if arch.tie_word_embeddings else 1}
+    return {"embedding": embedding, "block": block, "final_norm": arch.norm_params, "head": 1}
 
 MODULE_NAMES = {name: spec.module_names for name, spec in FAMILIES.items()}
 """A read-only view of the registry (autopar.families): ``model_type`` -> (embedding, block pattern,
