@@ -289,8 +289,10 @@ HAND: list[Case] = [
     Case("plot-is-a-directory", _plot_dir_exists, ("--plot", "d.png", "cannot be overwritten")),
     Case("plot-parent-is-file", _plot_parent_is_file, ("--plot", "f.txt/plan.png", "is not a folder")),
     Case("plot-5000-chars", _explain("gpt2", "--plot", LONG + ".png"), ("--plot", "PATH_MAX")),
-    Case("plot-too-many-bars", _explain("gpt2", "--global-batch", str(2**30), "--plot", "/tmp/autopar-never.png"),
-         ("--plot", "bars")),
+    Case("plot-too-many-bars", _explain("gpt2", "--global-batch", str(2**20), "--seq-len", "16", "--micro-batch", "1",
+                                        "--plot", "/tmp/autopar-never.png"), ("--plot", "bars")),
+    Case("batch-larger-than-a-device", _explain("gpt2", "--global-batch", str(2**30)),
+         ("loop's batch alone", "16384.0 GiB", "--global-batch")),
     # autopar run: refused before torch is imported or anything launched
     Case("run-n-0", lambda t: ["run", "-n", "0", _script(t)], ("-n 0", "positive integer")),
     Case("run-n-neg", lambda t: ["run", "-n", "-1", _script(t)], ("-n -1",)),

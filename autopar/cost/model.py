@@ -353,7 +353,7 @@ def _pipeline_floor(devices: list[_Device], chunks: list[tuple[float, float, flo
 
 
 EXTRAPOLATE_ROUNDS = 10
-"""Steps of more than this many rounds of pp micro-batches are simulated at
+"""Steps of more than this many rounds of pp micro-batches are swept or simulated at
 4 or 5 rounds (the parity of the real count), two and four more, and
 extrapolated when the two differences agree: past the warm-up every two
 rounds add the same time (uneven chunks can give a period of two rounds).
@@ -371,18 +371,22 @@ def pipeline_step_s(schedule: Schedule, fwd: tuple[float, ...], bwd: tuple[float
     estimate and the closed forms are tests of it. The same longest path is
     swept with numpy where the schedule allows ([Note: schedule sweeps]).
     """
-    from autopar.cost.schedule_sweep import sweep_step_s
-
-    swept = sweep_step_s(schedule, fwd, bwd, pp, v, m)
-    if swept is not None:
-        return swept
     rounds = m // pp
     if m % pp == 0 and rounds > EXTRAPOLATE_ROUNDS:
         base = 4 + rounds % 2
-        a, b, c = (_simulate(schedule, fwd, bwd, pp, v, r * pp) for r in (base, base + 2, base + 4))
+        a, b, c = (_longest_path(schedule, fwd, bwd, pp, v, r * pp) for r in (base, base + 2, base + 4))
         if abs((c - b) - (b - a)) <= 1e-9 * c:
             return c + (rounds - base - 4) // 2 * (c - b)
-    return _simulate(schedule, fwd, bwd, pp, v, m)
+    return _longest_path(schedule, fwd, bwd, pp, v, m)
+
+
+def _longest_path(schedule: Schedule, fwd: tuple[float, ...], bwd: tuple[float, ...], pp: int, v: int,
+                  m: int) -> float:
+    """The DAG's longest path for m micro-batches: swept with numpy where the schedule allows, else simulated."""
+    from autopar.cost.schedule_sweep import sweep_step_s
+
+    swept = sweep_step_s(schedule, fwd, bwd, pp, v, m)
+    return swept if swept is not None else _simulate(schedule, fwd, bwd, pp, v, m)
 
 
 @lru_cache(maxsize=8192)

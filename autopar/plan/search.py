@@ -431,6 +431,12 @@ def _does_not_fit(profile: ModelProfile, cluster: ClusterSpec, least: Evaluated,
                for tp in tp_options(profile, cluster, cluster.world_size, Pins()) for rc in Recompute)
     free = cluster.device.memory_bytes - cluster.device.context_bytes - C.ALLOCATOR_FRAGMENTATION * cluster.device.memory_bytes
     context = context_parallel_note(work, free, profile.seq_len)
+    held = max(s.memory_bytes.get("batch", 0.0) for s in least.cost.stages)
+    if held >= free:  # no layout helps: every rank holds the loop's whole batch (autopar.cost.constants.BATCH_TENSORS)
+        return (f"{profile.name} fits no layout of {cluster.world_size} x {cluster.device.name}: the loop's batch "
+                f"alone ({batch:,} sequences x {profile.seq_len:,} tokens of int64 ids and labels, held whole on "
+                f"every rank) takes {held / gib:.1f} GiB of the device's {free / gib:.0f} GiB usable; use a "
+                "smaller --global-batch/--seq-len (accumulate over several steps in the loop instead)")
     return (f"{profile.name} fits no layout of {cluster.world_size} x {cluster.device.name}: the leanest "
             f"({plan.describe()}) needs {need / gib:.1f} GiB per GPU, the device has "
             f"{cluster.device.memory_bytes / gib:.0f} GiB; " + (context or
