@@ -92,6 +92,8 @@ def test_sp_prices_the_gathered_inputs_whole():
         for layer, cost in zip((x for x in profile.layers for _ in x.module_names), costs):
             split_all = layer.activation_bytes[recompute].total / 2
             extra = {LayerKind.BLOCK: block_extra, LayerKind.LM_HEAD: 16384}.get(layer.kind, 0)
+            # integer indices (ids, labels) stay whole on every rank; TP's embedding adds its bool mask
+            extra += layer.index_bytes.get(recompute, 0.0) / 2 + layer.tp_saved_bytes
             assert cost.act_bytes == pytest.approx(split_all + extra), (recompute, layer.kind)
 
 
