@@ -78,8 +78,7 @@ def cluster_json(raw: dict, command: str) -> dict:
     memory = where["device_memory_bytes"] / (max(1.0, per_unit) if gpu else where["ranks_per_node"])
     kernels = [k for k in raw["elementwise"] if k["kernel"] not in LOSS_KERNELS]
     hbm = len(kernels) / sum(1.0 / k["bytes_per_s"] for k in kernels)  # each kernel moving the same bytes
-    loss = [k["bytes_per_s"] for k in raw["elementwise"] if k["kernel"] == "cross_entropy"]
-    sharded = [k["bytes_per_s"] for k in raw["elementwise"] if k["kernel"] == "loss_parallel"]
+    rates = {k["kernel"]: k["bytes_per_s"] for k in raw["elementwise"]}
     calibration = (f"{command} on {where['host']} ({where['device_name']}, {where['world_size']} ranks, "
                    f"{where['backend']}, torch {where['torch']}) at {raw['when']}")
     colls = _fits(raw.get("collectives", []), lambda r: (r["op"], r["group"], r["inter_node"]))
@@ -88,8 +87,8 @@ def cluster_json(raw: dict, command: str) -> dict:
         "name": where["device_name"], "kind": "gpu" if gpu else "cpu",
         "peak_tflops": peak / 1e12, "memory_gib": memory / GIB, "hbm_TBps": hbm / 1e12,
         "context_gib": raw["runtime_memory_bytes"] / GIB, "matmul_ceiling": 1.0,
-        **({"loss_TBps": loss[0] / 1e12} if loss else {}),
-        **({"loss_parallel_TBps": sharded[0] / 1e12} if sharded else {}),
+        **{key: rates[kernel] / 1e12 for key, kernel in (("loss_TBps", "cross_entropy"),
+                                                         ("loss_parallel_TBps", "loss_parallel")) if kernel in rates},
         "measured": {"source": calibration,
                      "matmul": [[r["m"], r["k"], r["n"], r["flops_per_s"] / 1e12] for r in gemm],
                      "attention": [[r["seq_len"], r["head_dim"], *([r["batch_heads"]] if "batch_heads" in r else []),

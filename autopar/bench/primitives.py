@@ -280,8 +280,8 @@ def core_sharing(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     Counted: this node's ranks (torchrun's ``LOCAL_WORLD_SIZE``) times their threads over the cores this
     process may run on (``os.sched_getaffinity``), or over the visible GPUs; at least 1. Measured: the
     time :data:`SHARING_WORK_S` of compute-bound matmuls (:data:`SHARING_SHAPE`) take with every rank running
-    them at once (until the slowest finishes) over their time on rank 0 alone: about 1 when ranks do not share, above the
-    counted ranks per core when sharing also costs caches and switches.
+    them at once (until the slowest finishes) over their time on rank 0 alone: about 1 when ranks do not
+    share, above the counted ranks per core when sharing also costs caches and switches.
     """
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if device.type == "cuda":

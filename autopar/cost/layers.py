@@ -181,8 +181,8 @@ def _saved_bytes(layer, recompute: Recompute, tp: int, sp: bool, regather: bool 
     ``regather`` (``CostOptions.sp_regather``) they keep the shard too. Integer indices
     (``LayerProfile.index_bytes``) stay whole either way, and under tensor parallelism the layer saves
     ``LayerProfile.tp_saved_bytes`` more."""
-    whole = (0.0 if regather else _gathered(layer, recompute, sp)) + (layer.index_bytes.get(recompute, 0.0)
-                                                                        if sp else 0.0)
+    gathered = 0.0 if regather else _gathered(layer, recompute, sp)
+    whole = gathered + (layer.index_bytes.get(recompute, 0.0) if sp else 0.0)
     extra = layer.tp_saved_bytes if tp > 1 else 0.0
     return layer.activation_bytes[recompute].at(tp, sp) + whole * (1 - 1 / tp) + extra
 

@@ -85,6 +85,7 @@ def param_tensors(arch: ArchConfig) -> dict[str, int]:
                  + (2 if arch.embed_dim else 0))
     return {"embedding": embedding, "block": block, "final_norm": arch.norm_params, "head": 1}
 
+
 MODULE_NAMES = {name: spec.module_names for name, spec in FAMILIES.items()}
 """A read-only view of the registry (autopar.families): ``model_type`` -> (embedding, block pattern,
 final norm, LM head). The registry is the source; this stays for the modules that import it."""
@@ -418,9 +419,9 @@ def _embedding_saved(arch: ArchConfig, s: int, e: int, attention: str,
     alibi = arch.num_attention_heads * s * s * e if arch.profile == "falcon" and not arch.rotary_fraction else 0
     base = TPSplit(ids + mask + rotary + norm + project_in + alibi, 0.0)
     eager = attention == "eager" or not arch.sdpa
-    held_args = (s * INDEX_BYTES if rotary else 0) + (s * s * e * len(attention_kinds(arch)) if eager else 0)
-    full = TPSplit(base.replicated + held_args, 0.0)
     held_ids = s * INDEX_BYTES if rotary else 0
+    held_args = held_ids + (s * s * e * len(attention_kinds(arch)) if eager else 0)
+    full = TPSplit(base.replicated + held_args, 0.0)
     return ({Recompute.NONE: base, Recompute.SELECTIVE: base, Recompute.FULL: full},
             {Recompute.NONE: ids, Recompute.SELECTIVE: ids, Recompute.FULL: ids + held_ids})
 
