@@ -415,3 +415,29 @@ def test_on_a_calibrated_cpu_the_bounds_hold_and_the_pruned_search_finds_the_fas
             best = ev
     found = search(profile, cluster, global_batch_size=8, pins=pins, alternatives=False, robust=False).best
     assert found.candidate == best.candidate
+
+
+def test_a_layout_fixed_cost_measured_below_zero_is_written_as_zero():
+    """The measured fixed cost per block is the difference of two timings (3 blocks less 1): on a busy
+    machine it came out at -0.34 ms once, which the cluster reader refuses; calibrate writes 0."""
+    from autopar.bench.calibrate import cluster_json, price_layout_fixed
+    from autopar.bench.primitives import FIXED_BLOCKS, FIXED_SEQ, tiny_config
+    from autopar.cluster import cluster_from_dict
+    from autopar.plan.search import search
+    from autopar.plan.types import Pins
+    from autopar.profile.analytic import profile_analytic
+    from autopar.profile.config import arch_from_dict
+
+    data = cluster_json(_raw_calibration(), "test")
+    cluster = cluster_from_dict(json.loads(json.dumps(data)), name="c").with_gpus(1)
+    raw = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 256, "n_positions": 64}
+    configs = [tiny_config(raw, 1, n) for n in FIXED_BLOCKS]
+    plans = [search(profile_analytic(arch_from_dict("tiny", c), seq_len=FIXED_SEQ, dtype_bytes=4), cluster,
+                    global_batch_size=1, pins=Pins(micro_batch_size=1), alternatives=False).best.plan.to_dict()
+             for c in configs]
+    row = {"tp": 1, "dp": 1, "zero": 0, "blocks": list(FIXED_BLOCKS), "seconds": [0.0105, 0.0098],
+           "configs": configs, "plans": plans}
+    (written,) = price_layout_fixed([row], data)
+    assert written[:4] == [1, 1, 0, 0.0] and written[4] >= 0
+    data["measured"]["layout_fixed"] = [written]
+    assert cluster_from_dict(data, name="again").measured_layout_fixed[0][3] == 0.0
