@@ -155,6 +155,12 @@ class ClusterSpec:
     clusters.md#measured): measured minus priced is the fixed cost a block pays under the layout that no
     other term counts (DTensor's per-op dispatch, redistributions, FSDP2 / replicate hooks);
     :meth:`block_fixed_s` composes any plan's from them."""
+    measured_pipeline_fixed: tuple[tuple[int, float, float], ...] = ()
+    """(pp, measured s, priced s) of what one more micro-batch adds to a 1F1B step of a tiny model of
+    negligible compute, one block per pipeline rank, pp pipeline ranks, every rank at once (``autopar
+    calibrate``; docs/clusters.md#measured): measured minus priced is what torch.distributed.pipelining pays
+    per micro-batch of a chunk, forward and backward, that no other term counts (schedule bookkeeping per
+    action, the P2P ops issued and waited for, the stage's wrappers); :meth:`pipeline_fixed_s` reads it."""
     calibration: str = ""
     """Where and when the measured fields were measured (``autopar calibrate``); empty for presets."""
 
@@ -213,6 +219,15 @@ class ClusterSpec:
         if dp > 1 and zero_stage and (1, zero_stage) in rows and (1, 0) in rows:
             base += max(0.0, rows[(1, zero_stage)] - rows[(1, 0)])
         return base
+
+    def pipeline_fixed_s(self, pp: int) -> float:
+        """Unpriced fixed seconds of one chunk's forward and backward of one micro-batch under a pipeline of
+        ``pp`` ranks, from ``measured_pipeline_fixed`` (0 without it, or without a pipeline): the row of the
+        nearest pipeline degree measured, measured minus priced, at least 0."""
+        if not self.measured_pipeline_fixed or pp == 1:
+            return 0.0
+        _, measured, priced = min(self.measured_pipeline_fixed, key=lambda r: (abs(math.log(r[0] / pp)), r[0]))
+        return max(0.0, measured - priced)
 
     def measured_send(self, inter_node: bool) -> tuple[float, float] | None:
         """(latency s, bytes/s) of one measured pipeline send (``measured_p2p``), or None."""
@@ -454,12 +469,26 @@ def measured_links_from_dict(data, where: str) -> dict:
                                "measured_ms, priced_ms] (whole tp, dp >= 1, zero_stage >= 0, times >= 0); "
                                "run autopar calibrate again")
         fixed.append((int(row[0]), int(row[1]), int(row[2]), row[3] * 1e-3, row[4] * 1e-3))
+    pipeline_fixed = tuple(_pipeline_fixed_row(r, f"measured.pipeline_fixed[{i}]", where)
+                           for i, r in enumerate(data.get("pipeline_fixed") or []))
     calibration = data.get("calibration", "measured")
     if not isinstance(calibration, str):
         raise AutoparError(f"{where}: measured.calibration={show(calibration)} must be a string (where and when)")
     return {"measured_collectives": colls, "measured_p2p": p2p, **sharing,
             "measured_overheads_s": tuple(sorted((str(k), v * 1e-6) for k, v in overheads.items())),
-            "measured_layout_fixed": tuple(fixed), "calibration": calibration}
+            "measured_layout_fixed": tuple(fixed), "measured_pipeline_fixed": pipeline_fixed,
+            "calibration": calibration}
+
+
+def _pipeline_fixed_row(row, path: str, where: str) -> tuple[int, float, float]:
+    """``[pp, measured_ms, priced_ms]`` as (pp, measured s, priced s)."""
+    ok = isinstance(row, list) and len(row) == 3 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in row)
+    ok = ok and all(math.isfinite(x) for x in row)
+    if not (ok and row[0] == int(row[0]) and row[0] >= 2 and min(row[1:]) >= 0):
+        raise AutoparError(f"{where}: {path}={show(row)} must be [pp, measured_ms, priced_ms] (whole pp >= 2, "
+                           "finite times >= 0); run autopar calibrate again")
+    return int(row[0]), row[1] * 1e-3, row[2] * 1e-3
 
 
 def _link_row(row, path: str, where: str, head: int) -> tuple:
@@ -490,7 +519,8 @@ def measured_links_to_dict(cluster: ClusterSpec) -> dict | None:
                             for op, g, inter, lat, bw in cluster.measured_collectives],
             "p2p": [[inter, lat * 1e6, bw / 1e9] for inter, lat, bw in cluster.measured_p2p],
             "overheads_us": {k: v * 1e6 for k, v in cluster.measured_overheads_s},
-            "layout_fixed": [[t, d, z, m * 1e3, p * 1e3] for t, d, z, m, p in cluster.measured_layout_fixed]}
+            "layout_fixed": [[t, d, z, m * 1e3, p * 1e3] for t, d, z, m, p in cluster.measured_layout_fixed],
+            "pipeline_fixed": [[pp, m * 1e3, p * 1e3] for pp, m, p in cluster.measured_pipeline_fixed]}
 
 
 def cluster_to_dict(cluster: ClusterSpec, source: str = "") -> dict:

@@ -441,3 +441,112 @@ def test_a_layout_fixed_cost_measured_below_zero_is_written_as_zero():
     assert written[:4] == [1, 1, 0, 0.0] and written[4] >= 0
     data["measured"]["layout_fixed"] = [written]
     assert cluster_from_dict(data, name="again").measured_layout_fixed[0][3] == 0.0
+
+
+def _tiny_pipeline_plans(cluster, config: dict, pp: int, microbatches: tuple[int, ...]) -> list[dict]:
+    """The plans calibrate's tiny pipeline runs pin (autopar.bench.primitives.pipeline_fixed_rows)."""
+    from autopar.bench.primitives import FIXED_SEQ
+    from autopar.plan.search import search
+    from autopar.plan.types import Pins, Schedule
+    from autopar.profile.analytic import profile_analytic
+    from autopar.profile.config import arch_from_dict
+
+    profile = profile_analytic(arch_from_dict("tiny", config), seq_len=FIXED_SEQ, dtype_bytes=4)
+    pins = Pins(dp=1, tp=1, pp=pp, micro_batch_size=1, schedule=Schedule.ONE_F_ONE_B, zero_stage=0)
+    return [search(profile, cluster, global_batch_size=m, pins=pins, alternatives=False).best.plan.to_dict()
+            for m in microbatches]
+
+
+def test_the_pipeline_fixed_cost_is_priced_from_two_tiny_runs_and_floored_at_zero():
+    """calibrate's two tiny 1F1B runs (m = pp and 3 pp) become [pp, measured ms, priced ms] per extra
+    micro-batch: (40 - 10) ms over 4 micro-batches = 7.5 ms measured; a difference below zero (a busy
+    machine) is written as 0, which the reader accepts."""
+    from autopar.bench.calibrate import cluster_json, price_pipeline_fixed
+    from autopar.bench.primitives import tiny_config
+    from autopar.cluster import cluster_from_dict
+
+    data = cluster_json(_raw_calibration(), "test")
+    assert data["measured"]["pipeline_fixed"] == []  # a record without the runs: none
+    cluster = cluster_from_dict(json.loads(json.dumps(data)), name="c")
+    raw = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 256, "n_positions": 64}
+    config = tiny_config(raw, 1, 2)
+    row = {"pp": 2, "dp": 1, "microbatches": [2, 6], "seconds": [0.010, 0.040], "config": config,
+           "plans": _tiny_pipeline_plans(cluster, config, 2, (2, 6))}
+    (written,) = price_pipeline_fixed([row], data)
+    assert written[:2] == [2, pytest.approx(7.5)] and 0 < written[2] < 7.5
+    raw_record = _raw_calibration() | {"pipeline_fixed": [row | {"seconds": [0.0105, 0.0098]}]}
+    data = cluster_json(raw_record, "test")
+    assert data["measured"]["pipeline_fixed"][0][:2] == [2, 0.0]
+    again = cluster_from_dict(json.loads(json.dumps(data)), name="again")
+    assert again.measured_pipeline_fixed[0][:2] == (2, 0.0) and again.pipeline_fixed_s(2) == 0.0
+
+
+def test_pipeline_fixed_cost_round_trips_is_checked_and_priced_per_chunk_and_micro_batch():
+    """The pipeline's fixed cost per micro-batch of a chunk is read back (absent in older files: 0),
+    refused when malformed, and added to every chunk's forward and backward only when pp > 1: it raises a
+    pipeline plan's step by at least m of it (the bottleneck rank runs m micro-batches) and at most
+    (m - 1 + pp) of it (1F1B's critical path), and leaves a plan without a pipeline unchanged."""
+    from autopar.cluster import PRESETS, cluster_from_dict, cluster_to_dict
+    from autopar.cost.model import estimate
+    from autopar.plan.types import Plan, Precision, Schedule, StagePlan
+    from autopar.profile.analytic import profile_analytic
+    from autopar.profile.config import arch_from_dict
+    from autopar.profile.types import Recompute
+
+    base = _calibrated_cpu()
+    data = cluster_to_dict(base)
+    assert data["measured"]["pipeline_fixed"] == [] and base.pipeline_fixed_s(4) == 0.0  # an old file: none
+    data["measured"]["pipeline_fixed"] = [[2, 9.0, 1.0], [4, 12.0, 2.0]]
+    cluster = cluster_from_dict(json.loads(json.dumps(data)), name="fixed")
+    again = cluster_from_dict(json.loads(json.dumps(cluster_to_dict(cluster))), name="again")
+    assert [r[0] for r in again.measured_pipeline_fixed] == [2, 4]
+    assert [v for r in again.measured_pipeline_fixed for v in r[1:]] == pytest.approx([9e-3, 1e-3, 12e-3, 2e-3])
+    assert cluster.pipeline_fixed_s(1) == 0.0 and PRESETS["a100-80gb"].pipeline_fixed_s(4) == 0.0
+    assert cluster.pipeline_fixed_s(2) == pytest.approx(8e-3)
+    assert cluster.pipeline_fixed_s(4) == pytest.approx(10e-3)
+    assert cluster.pipeline_fixed_s(16) == pytest.approx(10e-3)  # the nearest degree measured
+    fixed = 10e-3
+
+    arch = arch_from_dict("tiny-gpt", {"model_type": "gpt2", "n_embd": 128, "n_layer": 4, "n_head": 4,
+                                       "vocab_size": 1024, "n_positions": 128})
+    profile = profile_analytic(arch, seq_len=128, dtype_bytes=4, device_type="cpu")
+    names = tuple(n for n, _ in profile.flat_layers())
+    common = dict(tp=1, micro_batch_size=1, schedule=Schedule.ONE_F_ONE_B, virtual_stages=1,
+                  recompute=Recompute.NONE, zero_stage=0, sequence_parallel=False, global_batch_size=8,
+                  seq_len=128, precision=Precision.FP32)
+    cut = [names[:2], names[2:3], names[3:4], names[4:]]  # embedding + block 0, blocks 1 and 2, block 3 + head
+    pipeline = Plan(dp=1, pp=4, num_microbatches=8, stages=tuple(StagePlan(index=i, layers=cut[i]) for i in range(4)),
+                    **common)
+    flat = Plan(dp=4, pp=1, num_microbatches=2, stages=(StagePlan(index=0, layers=names),), **common)
+    assert estimate(profile, cluster, flat).step_time_s == estimate(profile, base, flat).step_time_s
+    without, with_fixed = estimate(profile, base, pipeline), estimate(profile, cluster, pipeline)
+    added = with_fixed.step_time_s - without.step_time_s
+    assert 8 * fixed * (1 - 1e-9) <= added <= (8 - 1 + 4) * fixed * (1 + 1e-9), added
+
+    for bad in ([1, 9.0, 1.0], [2, -1.0, 1.0], [2, 9.0], [2.5, 9.0, 1.0], [2, True, 1.0], [2, float("nan"), 1.0],
+                [float("inf"), 9.0, 1.0]):
+        data["measured"]["pipeline_fixed"] = [bad]
+        with pytest.raises(AutoparError, match=r"measured.pipeline_fixed\[0\]=.*\[pp, measured_ms, priced_ms\]"
+                                               r".*run autopar calibrate again"):
+            cluster_from_dict(data, name="bad")
+
+
+@pytest.mark.slow
+def test_calibrates_tiny_pipeline_runs_on_two_gloo_ranks(tmp_path):
+    """The worker's primitive on 2 gloo ranks: pp 2 (dp 1), m = 2 and 6 micro-batches as planned, the
+    longer run slower, and the row prices into a cluster that loads."""
+    from autopar.bench.calibrate import cluster_json
+    from autopar.cluster import cluster_from_dict
+    from tests.launch import check, torchrun
+
+    out = tmp_path / "rows.json"
+    check(torchrun(2, "pipeline_fixed_worker.py", str(out), timeout=300))
+    (row,) = json.loads(out.read_text())
+    assert (row["pp"], row["dp"], row["microbatches"]) == (2, 1, [2, 6])
+    assert [(p["pp"], p["num_microbatches"], p["schedule"]) for p in row["plans"]] == [(2, 2, "1f1b"),
+                                                                                      (2, 6, "1f1b")]
+    assert 0 < row["seconds"][0] < row["seconds"][1]
+    data = cluster_json(_raw_calibration() | {"pipeline_fixed": [row]}, "test")
+    (written,) = data["measured"]["pipeline_fixed"]
+    assert written[0] == 2 and written[1] > 0 and written[2] >= 0
+    assert cluster_from_dict(json.loads(json.dumps(data)), name="c").measured_pipeline_fixed[0][0] == 2

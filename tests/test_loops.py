@@ -18,8 +18,9 @@ import pytest
 
 from tests.launch import check, python, torchrun
 
-LAYOUTS = ["tp=2 dp=2", "pp=2 dp=2", "tp=2 pp=2"]
-"""A tensor-parallel, a pipeline-parallel and a mixed TP x PP layout (each with 4 ranks)."""
+LAYOUTS = ["tp=2 dp=2", "pp=2 dp=2", "tp=2 pp=2", "dp=4 zero_stage=0"]
+"""A tensor-parallel, a pipeline-parallel and a mixed TP x PP layout, and data parallelism alone (which runs
+in torch's DistributedDataParallel), each with 4 ranks."""
 LOOPS = ["clip_norm", "clip_value", "accumulate", "own_loss", "grad_scaler", "sharded_data", "last_batch",
          "rank_seeds", "dropout"]
 LOSS_RTOL = 1e-5
@@ -77,6 +78,17 @@ def test_loop_matches_one_process(loops, loop, layout, kind):
             assert r[kind]["scales"][1] == r[kind]["scales"][0] / 2
     if loop == "last_batch":
         assert ranks[0][kind]["rows"] == [8, 8, 8, 6]
+
+
+@pytest.mark.slow
+def test_data_parallel_alone_runs_in_ddp(loops):
+    """The layout of data parallelism alone runs in DistributedDataParallel (the loops above then cover its
+    accumulation, own loss and GradScaler); the others in replicate or FSDP2."""
+    for layout in LAYOUTS:
+        for r in results(loops, "accumulate", layout):
+            for kind in ("gpt2", "llama"):
+                ddp = r[kind]["wrapper"] == "DistributedDataParallel"
+                assert ddp == (layout == "dp=4 zero_stage=0"), (layout, kind, r[kind]["wrapper"], r[kind]["plan"])
 
 
 @pytest.mark.slow

@@ -4,17 +4,22 @@ as run], autopar/cost/constants.py [Note: precision]), carried by the plan, and 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
 
 from autopar.cost import constants as C
 from autopar.cost.data_parallel import (
+    Wrapper,
     dp_bytes_per_param,
+    dp_copy_bytes,
     dp_exposed_s,
     dp_layer_bytes_per_param,
+    dp_wrapper,
     optimizer_step_s,
 )
+from autopar.execute.build import grad_scale
 from autopar.errors import AutoparError
 from autopar.plan.types import Pins, Plan, Precision, Schedule, model_precision
 from autopar.profile.types import Recompute
@@ -35,8 +40,11 @@ def _plan(dp=2, pp=1, m=1, zero=2, precision=Precision.BF16_MIXED) -> Plan:
     (_plan(dp=1, zero=0, precision=Precision.BF16), (2, 2, 4, 0)),
     # bf16_mixed, dp 1: replicate over one rank casts a bf16 copy (2) of every block for forward..backward.
     (_plan(dp=1, zero=0), (4, 4, 8, 2)),
-    # zero 0 over dp 4: replicated, and replicate computes with an all-gathered copy (fp32: 4 more bytes).
+    # zero 0 over dp 4, data parallel alone: DDP, whose gradient buckets hold another 4 bytes (fp32).
     (_plan(dp=4, zero=0, precision=Precision.FP32), (4, 4, 8, 4)),
+    # ... in bf16 the buckets hold bf16 gradients (2); under bf16_mixed replicate casts a bf16 copy (2).
+    (_plan(dp=4, zero=0, precision=Precision.BF16), (2, 2, 4, 2)),
+    (_plan(dp=4, zero=0), (4, 4, 8, 2)),
     # zero 2, dp 4, bf16_mixed, 1 micro-batch: 4/4 + 4/4 + 8/4 held, the whole stage gathered in bf16 (2).
     (_plan(dp=4, zero=2), (1, 1, 2, 2)),
     # ... with 4 micro-batches the same: each micro-batch reduce-scatters, gradients stay sharded.
@@ -100,19 +108,56 @@ def test_data_parallel_collectives_per_step(plan, reduce_s, gather_s):
 
 
 def test_reduction_overlaps_the_last_backward_only_without_pipeline():
-    # zero 0, 100 params fp32 -> 400 s of all-reduce over 4 blocks; a 300 s backward hides 300 s of it,
-    # and never the last block's 100 s. Under pp 2 torch reduces after the stage's last backward: all 400.
+    # zero 0 under replicate (tp 2), 100 params fp32 -> 400 s of all-reduce over 4 blocks; a 300 s backward
+    # hides 300 s of it, and never the last block's 100 s. Under pp 2 torch reduces after the stage's last
+    # backward: all 400. DDP (data parallel alone) puts the 400 bytes in one bucket, reduced when the whole
+    # backward is done: all 400 exposed.
     fp32 = Precision.FP32
     kw = dict(params=100, layers=4, compute_s=0, coll=_coll, overlap=True)
-    assert dp_exposed_s(_plan(zero=0, precision=fp32), bwd_window_s=300, **kw) == pytest.approx(100)
-    assert dp_exposed_s(_plan(zero=0, precision=fp32), bwd_window_s=1000, **kw) == pytest.approx(100)
+    tp2 = replace(_plan(zero=0, precision=fp32), tp=2)
+    assert dp_exposed_s(tp2, bwd_window_s=300, **kw) == pytest.approx(100)
+    assert dp_exposed_s(tp2, bwd_window_s=1000, **kw) == pytest.approx(100)
     assert dp_exposed_s(_plan(zero=0, precision=fp32, pp=2, m=2), bwd_window_s=1000, **kw) == pytest.approx(400)
+    assert dp_exposed_s(_plan(zero=0, precision=fp32), bwd_window_s=1000, **kw) == pytest.approx(400)
     # zero 2, m 2, pp 1: a reduce-scatter of 200 behind each micro-batch's backward, hidden down to the
     # last block's 200 / 4 = 50; gathers 2 x 200 behind 2 x 150 s of compute leave 100 (more than the
     # first block's 200 / 4 = 50).
     kw = dict(params=100, layers=4, coll=_coll, overlap=True)
     assert dp_exposed_s(_plan(zero=2, m=2, precision=fp32), bwd_window_s=1000, compute_s=150, **kw) == \
         pytest.approx(50 + 100)
+
+
+def test_the_wrapper_that_runs_each_layout():
+    """DDP for data parallelism alone; replicate where DDP cannot run (TP's DTensor parameters, pipeline
+    stages, the bf16_mixed cast); FSDP2 for ZeRO 2 and 3; nothing for one rank in fp32 or bf16."""
+    fp32 = Precision.FP32
+    assert dp_wrapper(_plan(dp=4, zero=0, precision=fp32)) is Wrapper.DDP
+    assert dp_wrapper(_plan(dp=4, zero=0, precision=Precision.BF16)) is Wrapper.DDP
+    assert dp_wrapper(replace(_plan(dp=2, zero=0, precision=fp32), tp=2)) is Wrapper.REPLICATE
+    assert dp_wrapper(_plan(dp=2, pp=2, m=2, zero=0, precision=fp32)) is Wrapper.REPLICATE
+    assert dp_wrapper(_plan(dp=4, zero=0)) is Wrapper.REPLICATE  # bf16_mixed
+    assert dp_wrapper(_plan(dp=1, zero=0)) is Wrapper.REPLICATE  # bf16_mixed's cast over one rank
+    assert dp_wrapper(_plan(dp=4, zero=2, precision=fp32)) is Wrapper.FULLY_SHARD
+    assert dp_wrapper(_plan(dp=1, zero=3, precision=fp32)) is Wrapper.NONE  # one rank: nothing to shard
+    assert grad_scale(_plan(dp=4, zero=0, precision=fp32)) == 4  # DDP averages over dp
+    assert grad_scale(_plan(dp=4, zero=2, precision=fp32)) == 1  # FSDP2 is set to sum
+
+
+def test_ddp_copies_and_buckets():
+    """DDP copies each gradient into its bucket and back once per step (4 x P x 4 bytes in fp32, spread over
+    the micro-batches' backwards; nothing in forward), and all-reduces 25 MiB buckets: 100 M fp32 gradients
+    are 16 buckets, the last of which (1/16 of the all-reduce) no backward hides; replicate reduces per block."""
+    fp32 = Precision.FP32
+    assert dp_copy_bytes(_plan(dp=4, m=2, zero=0, precision=fp32), 100.0) == (0.0, 4 * 100 * 4 / 2)
+    fwd, bwd = dp_copy_bytes(replace(_plan(dp=2, m=2, zero=0, precision=fp32), tp=2), 100.0)
+    assert fwd > 0 and bwd > 0  # replicate gathers a copy every micro-batch
+    params = 100e6
+    kw = dict(params=params, layers=4, compute_s=0, bwd_window_s=1e9, overlap=True)
+    one_s_per_byte = lambda num_bytes, kind, calls: num_bytes  # noqa: E731
+    ddp = dp_exposed_s(_plan(dp=4, zero=0, precision=fp32), coll=one_s_per_byte, **kw)
+    assert ddp == pytest.approx(params * 4 / math.ceil(params * 4 / C.DDP_BUCKET_BYTES))
+    replicate = dp_exposed_s(replace(_plan(dp=4, zero=0, precision=fp32), tp=2), coll=one_s_per_byte, **kw)
+    assert replicate == pytest.approx(params * 4 / 4)  # one all-reduce per block, the last exposed
 
 
 # --- the plan carries it -----------------------------------------------------------------------------

@@ -113,6 +113,7 @@ def cluster_json(raw: dict, command: str) -> dict:
         },
     }
     data["measured"]["layout_fixed"] = price_layout_fixed(raw.get("layout_fixed", []), data)
+    data["measured"]["pipeline_fixed"] = price_pipeline_fixed(raw.get("pipeline_fixed", []), data)
     return data
 
 
@@ -121,25 +122,44 @@ def price_layout_fixed(rows: list[dict], data: dict) -> list[list[float]]:
     (autopar.bench.primitives.layout_fixed_rows): the two models' difference over their blocks, measured and
     as the cost model prices it on the cluster just measured (its kernels, collectives and sharing), so that
     measured - priced is what no other term counts."""
+    cluster = cluster_from_dict(json.loads(json.dumps(data)), name="calibrating")
+    out = []
+    for r in rows:
+        (n1, n3), (s1, s3) = r["blocks"], r["seconds"]
+        p1, p3 = (_priced_step_s(config, plan, cluster) for config, plan in zip(r["configs"], r["plans"]))
+        # Both are differences of two timings: on a busy machine the measured one can come out below zero,
+        # which no block takes (and the cluster reader refuses): 0, the same floor as the priced one.
+        out.append([r["tp"], r["dp"], r["zero"], max(0.0, s3 - s1) / (n3 - n1) * 1e3,
+                    max(0.0, p3 - p1) / (n3 - n1) * 1e3])
+    return out
+
+
+def price_pipeline_fixed(rows: list[dict], data: dict) -> list[list[float]]:
+    """``[pp, measured ms, priced ms]`` per extra micro-batch of the tiny pipeline runs the worker timed
+    (autopar.bench.primitives.pipeline_fixed_rows): the two runs' difference over their micro-batch counts,
+    measured and as the cost model prices it on the cluster just measured (kernels, sends, sharing and the
+    layout's fixed cost per block: ``data`` holds ``layout_fixed`` already), so that measured - priced is what
+    a pipeline schedule pays per micro-batch of a chunk that no other term counts. Floored at 0 like a
+    block's fixed cost."""
+    cluster = cluster_from_dict(json.loads(json.dumps(data)), name="calibrating")
+    out = []
+    for r in rows:
+        (m1, m3), (s1, s3) = r["microbatches"], r["seconds"]
+        p1, p3 = (_priced_step_s(r["config"], plan, cluster) for plan in r["plans"])
+        out.append([r["pp"], max(0.0, s3 - s1) / (m3 - m1) * 1e3, max(0.0, p3 - p1) / (m3 - m1) * 1e3])
+    return out
+
+
+def _priced_step_s(config: dict, plan: dict, cluster) -> float:
+    """The cost model's step time of a tiny model the worker timed (its config and the plan it ran)."""
     from autopar.cost.model import estimate
     from autopar.plan.types import Plan
     from autopar.profile.analytic import profile_analytic
     from autopar.profile.config import arch_from_dict
 
-    cluster = cluster_from_dict(json.loads(json.dumps(data)), name="calibrating")
-    out = []
-    for r in rows:
-        (n1, n3), (s1, s3) = r["blocks"], r["seconds"]
-        priced = []
-        for config, plan in zip(r["configs"], r["plans"]):
-            arch = arch_from_dict(f"tiny-{config['model_type']}", config)
-            profile = profile_analytic(arch, seq_len=plan["seq_len"], dtype_bytes=4)
-            priced.append(estimate(profile, cluster, Plan.from_dict(plan)).step_time_s)
-        # Both are differences of two timings: on a busy machine the measured one can come out below zero,
-        # which no block takes (and the cluster reader refuses): 0, the same floor as the priced one.
-        out.append([r["tp"], r["dp"], r["zero"], max(0.0, s3 - s1) / (n3 - n1) * 1e3,
-                    max(0.0, priced[1] - priced[0]) / (n3 - n1) * 1e3])
-    return out
+    arch = arch_from_dict(f"tiny-{config['model_type']}", config)
+    profile = profile_analytic(arch, seq_len=plan["seq_len"], dtype_bytes=4)
+    return estimate(profile, cluster, Plan.from_dict(plan)).step_time_s
 
 
 def _scalar_links(colls: list[tuple], p2p: list[tuple]) -> dict:
@@ -227,6 +247,8 @@ def print_summary(data: dict, out: Path) -> None:
     t.add_row("runtime memory per rank", f"{m['runtime_memory_gib']:.3f} GiB")
     for name, us in m["overheads_us"].items():
         t.add_row(f"overhead: {name}", f"{us:.1f} us")
+    for pp, measured, priced in m.get("pipeline_fixed", []):
+        t.add_row(f"pipeline (pp {pp}) per micro-batch, measured | priced", f"{measured:.2f} | {priced:.2f} ms")
     console.print(t)
     if m["collectives"] or m["p2p"]:
         c = Table(title="collectives and sends: t = latency + bytes / rate")

@@ -84,7 +84,10 @@ def main(argv=None) -> None:
         layouts = _fixed_layouts(world)
         if args.quick:  # data parallel and the smallest TP degree
             layouts = [x for x in layouts if x[2] == 0][:2]
-        record["layout_fixed"] = P.layout_fixed_rows(_fixed_model_config(models), layouts, device)
+        fixed_config = _fixed_model_config(models)
+        record["layout_fixed"] = P.layout_fixed_rows(fixed_config, layouts, device)
+        _progress("fixed cost of a pipeline schedule per micro-batch")
+        record["pipeline_fixed"] = P.pipeline_fixed_rows(fixed_config, world, local, device)
     record["blocks"] = [_blocks(m, dtype, device) for m in models]
     record["calibrate_s"] = time.perf_counter() - started
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -124,13 +127,15 @@ def _blocks(model: dict, dtype: torch.dtype, device: torch.device) -> dict:
 
 
 FIXED_DEFAULT_MODEL = "gpt2"
-"""The family :func:`autopar.bench.primitives.layout_fixed_rows` shrinks when no --model is given."""
+"""The family :func:`autopar.bench.primitives.layout_fixed_rows` and ``pipeline_fixed_rows`` shrink when no
+--model is given."""
 
 
 def _fixed_model_config(models: list[dict]) -> dict:
-    """The first --model's config (its family's blocks) or GPT-2's, for the per-layout fixed costs. A family
-    autopar trains data parallel only (Falcon, OPT, BLOOM, MPT: autopar.families) has neither tensor-parallel
-    layouts to measure nor the config names autopar.bench.primitives.tiny_config shrinks, so GPT-2's stands in."""
+    """The first --model's config (its family's blocks) or GPT-2's, for the per-layout and pipeline fixed
+    costs. A family autopar trains data parallel only (Falcon, OPT, BLOOM, MPT: autopar.families) has neither
+    tensor-parallel nor pipeline layouts to measure, nor the config names autopar.bench.primitives.tiny_config
+    shrinks, so GPT-2's stands in."""
     from autopar.families import family_spec
     from autopar.profile.config import load_arch
 

@@ -535,6 +535,34 @@ def tiny_config(raw: dict, tp: int, layers: int) -> dict:
     return raw
 
 
+def _timed_tiny_step(config: dict, rows: int, device: torch.device, sample_s: float, **pins) -> tuple[float, dict]:
+    """(seconds, plan dict) of one forward and backward of ``rows`` ``FIXED_SEQ``-token sequences, micro-batches
+    of one, through the tiny model ``config`` built under autopar's one line with ``pins``, every rank at once
+    (the slowest rank's median; the optimizer is not run)."""
+    import transformers
+
+    import autopar
+
+    autopar.enable_advanced_parallelization(global_batch_size=rows, seq_len=FIXED_SEQ, micro_batch_size=1,
+                                            log_every=0, check_batch=False, **pins)
+    try:
+        torch.manual_seed(0)
+        cfg = transformers.AutoConfig.for_model(config["model_type"],
+                                                **{k: v for k, v in config.items() if k != "model_type"})
+        cfg.use_cache = False
+        model = transformers.AutoModelForCausalLM.from_config(cfg).to(device)
+    finally:
+        autopar.disable_advanced_parallelization()
+    vocab = 64 * pins.get("tp", 1)  # tiny_config's vocabulary: 64 a TP rank
+    ids = torch.randint(0, vocab, (rows, FIXED_SEQ), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def step() -> None:
+        model(ids, labels=ids, use_cache=False)[0].backward()
+        model.zero_grad(set_to_none=True)
+
+    return slowest(time_call(step, device, sample_s=sample_s, collective=True)), model._autopar.plan.to_dict()
+
+
 def layout_fixed_rows(raw: dict, layouts: list[tuple[int, int, int]], device: torch.device) -> list[dict]:
     """The fixed cost of one block per micro-batch under each (tp, dp, zero) layout, every rank at once:
     the tiny model of ``raw``'s family (:func:`tiny_config`) with 1 and with 3 blocks, built under autopar's
@@ -542,9 +570,6 @@ def layout_fixed_rows(raw: dict, layouts: list[tuple[int, int, int]], device: to
     between barriers (the slowest rank's median; the optimizer is not run). What the compute kernels and
     collectives' bytes do not explain is the per-op dispatch (DTensor), redistribution and wrapper hooks a
     real block pays the same (autopar.calibrate prices the tiny models to keep only that part)."""
-    import transformers
-
-    import autopar
     from autopar.families import family_spec
 
     rows = []
@@ -554,26 +579,52 @@ def layout_fixed_rows(raw: dict, layouts: list[tuple[int, int, int]], device: to
         seconds, plans, configs = [], [], []
         for layers in FIXED_BLOCKS:
             config = tiny_config(raw, tp, layers)
-            autopar.enable_advanced_parallelization(global_batch_size=dp, seq_len=FIXED_SEQ, tp=tp, dp=dp, pp=1,
-                                                    micro_batch_size=1, zero_stage=zero, log_every=0,
-                                                    check_batch=False)
-            try:
-                torch.manual_seed(0)
-                cfg = transformers.AutoConfig.for_model(config["model_type"],
-                                                        **{k: v for k, v in config.items() if k != "model_type"})
-                cfg.use_cache = False
-                model = transformers.AutoModelForCausalLM.from_config(cfg).to(device)
-            finally:
-                autopar.disable_advanced_parallelization()
-            ids = torch.randint(0, 64 * tp, (dp, FIXED_SEQ), generator=torch.Generator().manual_seed(0)).to(device)
-
-            def step() -> None:
-                model(ids, labels=ids, use_cache=False)[0].backward()
-                model.zero_grad(set_to_none=True)
-
-            seconds.append(slowest(time_call(step, device, collective=True)))
-            plans.append(model._autopar.plan.to_dict())
+            taken, plan = _timed_tiny_step(config, dp, device, SAMPLE_S, tp=tp, dp=dp, pp=1, zero_stage=zero)
+            seconds.append(taken)
+            plans.append(plan)
             configs.append(config)
         rows.append({"tp": tp, "dp": dp, "zero": zero, "seconds": seconds, "blocks": list(FIXED_BLOCKS),
                      "configs": configs, "plans": plans})
     return rows
+
+
+PIPELINE_FIXED_ROUNDS = (1, 3)
+"""Micro-batches per pipeline rank of the two tiny pipeline runs (m = pp and m = 3 pp): 1F1B's step is
+(m - 1 + pp) chunk times, so the two differ by 2 pp micro-batches of the bottleneck chunk, warm-up and
+drain cancelling (Narayanan et al. 2021, §2.2)."""
+PIPELINE_FIXED_SAMPLE_S = 0.25
+"""Seconds one sample of a tiny pipeline step lasts at least: several of its 20-100 ms steps on 4 gloo ranks
+sharing 2 cores, so that a sample spans many scheduler slices. At :data:`SAMPLE_S` (one step a sample)
+four runs of the same 4 ranks a minute apart, beside another job, gave 1.2-5.7 ms a micro-batch; at 0.25 s
+three runs gave 5.3-8.0 ms (2026-12-01)."""
+
+
+def pipeline_degree(world: int, ranks_per_node: int) -> int:
+    """The pipeline degree :func:`pipeline_fixed_rows` pins: one node's ranks when they divide the world and
+    are at least 2 (its sends on the links measured most), else the whole world (one rank per node)."""
+    return ranks_per_node if 2 <= ranks_per_node <= world and world % ranks_per_node == 0 else world
+
+
+def pipeline_fixed_rows(raw: dict, world: int, ranks_per_node: int, device: torch.device) -> list[dict]:
+    """The fixed cost a pipeline schedule pays per action, every rank at once: the tiny model of ``raw``'s
+    family (:func:`tiny_config`, one block per pipeline rank) built under autopar's one line with pp
+    pinned (:func:`pipeline_degree`; dp the rest, tp 1, 1F1B, micro-batches of one ``FIXED_SEQ``-token
+    sequence), one step's forward and backward of m = pp and m = 3 pp micro-batches (the slowest rank's
+    median of samples of :data:`PIPELINE_FIXED_SAMPLE_S`; the optimizer is not run). Each extra
+    micro-batch adds one forward and backward of the bottleneck chunk: what its kernels and sends do not
+    explain is torch.distributed.pipelining's bookkeeping per schedule action, the P2P ops issued and waited
+    for per micro-batch, the stage's forward and backward wrappers (autopar.bench.calibrate prices the tiny
+    runs to keep only that part). One row; none with one rank."""
+    if world < 2:
+        return []
+    pp = pipeline_degree(world, ranks_per_node)
+    dp = world // pp
+    config = tiny_config(raw, 1, pp)
+    seconds, plans = [], []
+    for rounds in PIPELINE_FIXED_ROUNDS:
+        taken, plan = _timed_tiny_step(config, dp * rounds * pp, device, PIPELINE_FIXED_SAMPLE_S, tp=1, dp=dp,
+                                       pp=pp, schedule="1f1b", zero_stage=0)
+        seconds.append(taken)
+        plans.append(plan)
+    return [{"pp": pp, "dp": dp, "microbatches": [p["num_microbatches"] for p in plans], "seconds": seconds,
+             "config": config, "plans": plans}]

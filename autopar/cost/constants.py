@@ -39,6 +39,11 @@ An assumption from those reported figures, not fitted."""
 P2P_EFFICIENCY = 0.8
 """The same for pipeline send/recv (one message per micro-batch, large)."""
 
+DDP_BUCKET_BYTES = 25 * 2**20
+"""Gradient bytes per all-reduce of torch's ``DistributedDataParallel`` (its ``bucket_cap_mb`` default,
+25 MiB: torch.nn.parallel.DistributedDataParallel docs), the data-parallel wrapper autopar runs for
+layouts without tensor or pipeline parallelism (autopar.cost.data_parallel [Note: ZeRO stages as run])."""
+
 # --- Bytes per parameter, by precision -------------------------------------------
 # [Note: precision] What autopar's executor holds per parameter under each
 # autopar.plan.types.Precision, with torch.optim.AdamW (its exp_avg and

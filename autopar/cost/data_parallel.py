@@ -8,6 +8,9 @@ and the executor (autopar.execute.build, autopar.execute.step) share: which wrap
 
 from __future__ import annotations
 
+import math
+from enum import Enum
+
 from autopar.cost import constants as C
 from autopar.plan.types import Precision
 
@@ -15,7 +18,13 @@ from autopar.plan.types import Precision
 # over the data-parallel ranks, as torch 2.13's FSDP2 code does it, and what is priced for it. P is a
 # pipeline rank's parameters (one TP shard), m its micro-batches, b = PRECISION_BYTES[precision]:
 #   - no wrapper when dp = 1 and the precision is fp32 or bf16: the parameters themselves compute.
-#   - zero 0 (or dp = 1 under bf16_mixed): torch's composable ``replicate`` (DDP built on FSDP2's
+#   - zero 0 with dp > 1, tp = 1, pp = 1, fp32 or bf16: torch's ``DistributedDataParallel`` around the
+#     one stage (the wrapper every plain data-parallel script uses). It computes with the parameters
+#     themselves; its gradient buckets (P x b.grads, ``gradient_as_bucket_view=False`` so a call's
+#     gradients outlive the next call's backward: autopar.execute.semantics [Note: deferred gradients])
+#     are all-reduced as backward fills them, in ``DDP_BUCKET_BYTES`` collectives, with the last micro-batch
+#     (``no_sync`` before). Each gradient is copied into its bucket and back (read and write twice).
+#   - zero 0 otherwise (or dp = 1 under bf16_mixed): torch's composable ``replicate`` (DDP built on FSDP2's
 #     machinery). Everything replicated; it computes with an unsharded copy (b.compute bytes; also in
 #     fp32, measured) of every block from forward to the block's backward: P x b.compute at the peak.
 #     Gradients all-reduced once per step (only the last micro-batch syncs).
@@ -38,8 +47,30 @@ from autopar.plan.types import Precision
 
 
 def dp_wrapped(dp: int, precision) -> bool:
-    """Does the executor wrap blocks and stages in replicate / fully_shard ([Note: ZeRO stages as run])?"""
+    """Does the executor wrap blocks and stages in a data-parallel wrapper ([Note: ZeRO stages as run])?"""
     return dp > 1 or precision is Precision.BF16_MIXED
+
+
+class Wrapper(str, Enum):
+    """The data-parallel wrapper the executor runs for a layout ([Note: ZeRO stages as run])."""
+
+    NONE = "none"
+    DDP = "DistributedDataParallel"
+    REPLICATE = "replicate"
+    FULLY_SHARD = "fully_shard"
+
+
+def dp_wrapper(layout) -> Wrapper:
+    """Which wrapper runs ``layout`` (a Plan or a Candidate): DDP where it can (data parallelism alone, no
+    mixed-precision cast: DDP refuses DTensor parameters, and torch's pipeline stages drive FSDP2's
+    gradient sync), else replicate (ZeRO 0) or FSDP2 (ZeRO 2, 3)."""
+    if not dp_wrapped(layout.dp, layout.precision):
+        return Wrapper.NONE
+    if executed_zero_stage(layout) >= 2:
+        return Wrapper.FULLY_SHARD
+    if layout.dp > 1 and layout.tp == 1 and layout.pp == 1 and layout.precision is not Precision.BF16_MIXED:
+        return Wrapper.DDP
+    return Wrapper.REPLICATE
 
 
 def executed_zero_stage(layout) -> int:
@@ -59,8 +90,8 @@ def dp_bytes_per_param(layout) -> dict[str, float]:
     shard = layout.dp if zero >= 2 else 1
     if not dp_wrapped(layout.dp, layout.precision):
         unsharded = 0.0
-    elif zero == 0:
-        unsharded = b.compute
+    elif zero == 0:  # replicate's gathered copy, or DDP's gradient buckets
+        unsharded = b.grads if dp_wrapper(layout) is Wrapper.DDP else b.compute
     else:  # the gathered stage; under a pipeline also its unsharded gradients until the last backward
         unsharded = (b.compute if zero == 2 or layout.pp > 1 else 0.0) + (b.reduce if layout.pp > 1 else 0.0)
     return {"weights": b.weights / shard, "grads": b.grads / shard, "optimizer": b.optimizer / shard,
@@ -119,7 +150,8 @@ def dp_exposed_s(layout, *, params: float, layers: float, bwd_window_s: float, c
         overlap: whether communication overlaps compute at all (``CostOptions.overlap_dp_comm``).
         reduce_bytes: bytes per gradient element reduced (``CostOptions.dp_reduce_bytes``); None: the
             precision's.
-        reduce_calls: collectives of the reduction (``CostOptions.dp_reduce_calls``); None: one per layer.
+        reduce_calls: collectives of the reduction (``CostOptions.dp_reduce_calls``); None: as the executor
+            runs it (one per layer; DDP: one per ``DDP_BUCKET_BYTES`` bucket).
         fwd_window_s: the forward of one micro-batch; None: ``compute_s`` (a relaxed window, for bounds).
         backward_prefetch: ZeRO 3's backward gathers are issued ahead of the block that needs them
             (``CostOptions.dp_backward_prefetch``).
@@ -130,7 +162,8 @@ def dp_exposed_s(layout, *, params: float, layers: float, bwd_window_s: float, c
     m, zero = layout.num_microbatches, executed_zero_stage(layout)
     calls = max(1, round(layers))
     grad_bytes = params * (b.reduce if reduce_bytes is None else reduce_bytes)
-    reduce_calls = calls if reduce_calls is None else reduce_calls
+    if reduce_calls is None:  # DDP's buckets, else one per wrapped block
+        reduce_calls = math.ceil(grad_bytes / C.DDP_BUCKET_BYTES) if dp_wrapper(layout) is Wrapper.DDP else calls
     reduces, gathers = dp_collectives_per_step(layout)
     reduce_one = coll(grad_bytes, "all_reduce" if zero == 0 else "reduce_scatter", reduce_calls)
     gather_one = coll(params * b.compute, "all_gather", calls) if gathers else 0.0
@@ -162,7 +195,8 @@ def dp_exposed_s(layout, *, params: float, layers: float, bwd_window_s: float, c
 # machinery (one gather per micro-batch, one all-reduce per step). Memory-bound work on the device that
 # computes, per collective: priced as compute at the element-wise rate. Wrappers over flat buffers whose
 # parameters are views (FSDP1's FlatParameter, Megatron-LM's contiguous buffers) copy nothing
-# (``CostOptions.dp_flat_buffers``).
+# (``CostOptions.dp_flat_buffers``). DDP (``gradient_as_bucket_view=False``) copies each gradient into its
+# bucket and back once per step (read and write P twice) and nothing in forward.
 
 
 def dp_copy_bytes(layout, params: float) -> tuple[float, float]:
@@ -173,6 +207,8 @@ def dp_copy_bytes(layout, params: float) -> tuple[float, float]:
         return 0.0, 0.0
     b = C.PRECISION_BYTES[layout.precision]
     dp, m = layout.dp, layout.num_microbatches
+    if dp_wrapper(layout) is Wrapper.DDP:  # into the bucket and back, once per step
+        return 0.0, 4.0 * params * b.grads / m
     gather = 2.0 * params * b.compute * (1.0 + 1.0 / dp)
     reduce = params * b.reduce * (2.0 + 3.0 / dp)
     reduces, gathers = dp_collectives_per_step(layout)

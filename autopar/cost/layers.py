@@ -38,8 +38,8 @@ class CostOptions:
     executor runs it (autopar.cost.constants.PRECISION_BYTES ``reduce``). The development set's
     Megatron-LM 2021 runs reduced their 16-bit gradients in 16 bits (2)."""
     dp_reduce_calls: int | None = None
-    """Collectives the data-parallel gradient reduction takes per step; None: one per layer, as
-    autopar's replicate / FSDP2 wrappers reduce each block. Megatron-LM 2021's local DDP all-reduced
+    """Collectives the data-parallel gradient reduction takes per step; None: as autopar's executor runs
+    it (one per layer: its replicate / FSDP2 wrappers reduce each block; DDP one per 25 MiB bucket). Megatron-LM 2021's local DDP all-reduced
     one flat buffer (1)."""
     dp_backward_prefetch: bool = True
     """ZeRO 3 gathers a block's parameters before the backward that needs them (FSDP2, as autopar runs it;

@@ -226,7 +226,9 @@ def _chunk_fwd_bwd(layer_list: list[LayerCost], plan: Plan, cluster: ClusterSpec
     """(forward s, backward s, of which TP s) of one micro-batch on one chunk.
 
     The chunk's TP collectives are charged to forward and backward by their
-    compute shares (they follow the matmuls they belong to).
+    compute shares (they follow the matmuls they belong to), and with them the
+    measured fixed cost of the layout's blocks; the pipeline's measured fixed
+    cost per action is charged as compute (calibrated clusters only; 0 otherwise).
     """
     b = plan.micro_batch_size
     f = b * sum(x.fwd_s for x in layer_list)
@@ -238,6 +240,16 @@ def _chunk_fwd_bwd(layer_list: list[LayerCost], plan: Plan, cluster: ClusterSpec
     # with every rank busy at once: it joins their time, which the sharing bound does not scale again.
     blocks = sum(1 for x in layer_list if x.kind is LayerKind.BLOCK)
     tp_s += blocks * cluster.block_fixed_s(plan.tp, plan.dp, plan.zero_stage)
+    # Under a pipeline, what torch.distributed.pipelining pays per micro-batch of a chunk beyond its kernels
+    # and sends (ClusterSpec.pipeline_fixed_s: schedule bookkeeping, P2P ops issued and waited for, the
+    # stage's wrappers): the rank's own host work, so it shares the device as compute does. Measured with
+    # every rank busy (the shared rate), it is charged as compute at the alone rate; the sharing bound
+    # scales it back where all ranks run at once, not in the warm-up and drain where some idle
+    # ([Note: ranks sharing a device]).
+    if plan.pp > 1:
+        fixed = cluster.pipeline_fixed_s(plan.pp) / max(1.0, cluster.shared_slowdown)
+        share = f / (f + g) if f + g > 0 else 0.5
+        f, g = f + fixed * share, g + fixed * (1 - share)
     if not opts.dp_flat_buffers:  # the data-parallel wrapper's copies (data_parallel [Note: wrapper copies])
         copy_f, copy_g = dp_copy_bytes(plan, sum(x.params for x in layer_list))
         rate = cluster.device.hbm_bytes_per_s * opts.memory_efficiency

@@ -26,7 +26,7 @@ from autopar.execute import compat
 from autopar.execute.families import Family
 from autopar.execute.runtime import Runtime
 from autopar.execute.stage import StageModule
-from autopar.cost.data_parallel import dp_wrapped, executed_zero_stage
+from autopar.cost.data_parallel import Wrapper, dp_wrapped, dp_wrapper, executed_zero_stage
 from autopar.plan.types import MeshAxis, Plan, Precision
 from autopar.profile.types import Recompute
 
@@ -168,11 +168,33 @@ def apply_recompute(model: nn.Module, family: Family, recompute: Recompute) -> N
 
 def apply_data_parallel(stages: list[StageModule], layout: Layout) -> None:
     """Wrap every block, then every stage, for the plan's ZeRO stage and precision (see
-    :func:`wrap_data_parallel`); the caller does it where ``dp_wrapped`` says so."""
+    :func:`wrap_data_parallel`); the caller does it where ``dp_wrapper`` says replicate or FSDP2."""
     for stage in stages:
         for block in stage.blocks.values():
             wrap_data_parallel(block, layout)
         wrap_data_parallel(stage, layout)
+
+
+def wrap_ddp(stage: nn.Module, layout: Layout) -> nn.Module:
+    """What ``dp_wrapper`` calls DDP (autopar/cost/data_parallel.py [Note: ZeRO stages as run]): torch's
+    ``DistributedDataParallel`` around the one stage (a StageModule, or the whole model of a family without
+    an adapter), over the data-parallel group, once its tensors are filled (DDP allocates its buckets from
+    them; every rank filled the same values, so no broadcast).
+    DDP averages gradients over the group; the step scales each rank's gradient by :func:`grad_scale`
+    so that the result is their sum, as FSDP2's is. ``gradient_as_bucket_view`` is off: a call's
+    gradients are kept aside while the next call's backward refills the buckets
+    (autopar.execute.semantics [Note: deferred gradients])."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(stage, process_group=layout.sub(MeshAxis.DP).get_group(), init_sync=False,
+                                   forward_sync_buffers=False, gradient_as_bucket_view=False)
+
+
+def grad_scale(plan: Plan) -> int:
+    """What each rank multiplies its gradient by before the wrapper reduces it: DDP divides the all-reduced
+    sum by dp, FSDP2 and replicate are set to sum (:func:`sum_gradients`). A power of two (the usual dp)
+    multiplies and divides exactly; otherwise the gradient is the sum to one rounding."""
+    return plan.dp if dp_wrapper(plan) is Wrapper.DDP else 1
 
 
 def wrap_data_parallel(module: nn.Module, layout: Layout) -> None:

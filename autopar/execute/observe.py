@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from autopar.execute import compat
+from autopar.execute.stage import inner_stage
 from autopar.plan.types import MeshAxis, Plan, Schedule
 from autopar.profile.types import Recompute
 
@@ -46,7 +47,7 @@ def watching(model: torch.nn.Module):
     """Record each call of this rank's first chunk (one per micro-batch) and its blocks' input lengths."""
     runtime = model._autopar
     seen = Seen()
-    first = runtime.stages[min(runtime.stages)]
+    first = inner_stage(runtime.stages[min(runtime.stages)])
     inner = getattr(first, "blocks", None)
 
     def on_stage(_module, args, kwargs):
@@ -77,7 +78,7 @@ def _degrees(rt) -> dict[str, int]:
 
 
 def _blocks(rt) -> list[torch.nn.Module]:
-    return [b for stage in rt.stages.values() for b in getattr(stage, "blocks", {}).values()]
+    return [b for stage in rt.stages.values() for b in getattr(inner_stage(stage), "blocks", {}).values()]
 
 
 def _recompute(rt, seen) -> Recompute:
@@ -157,7 +158,7 @@ def _stages(rt, seen) -> dict[int, tuple[str, ...]]:
     family = rt.family
     if family is None:
         return NOT_APPLICABLE
-    return {c: tuple(family.block_name(int(k)) for k in getattr(stage, "blocks", {}))
+    return {c: tuple(family.block_name(int(k)) for k in getattr(inner_stage(stage), "blocks", {}))
             for c, stage in rt.stages.items()}
 
 

@@ -33,8 +33,9 @@ from autopar.execute.build import (
     partial_grad_params,
     tp_summed_grad_params,
     wrap_data_parallel,
+    wrap_ddp,
 )
-from autopar.cost.data_parallel import dp_wrapped
+from autopar.cost.data_parallel import Wrapper, dp_wrapper
 from autopar.execute.families import Family, fallback_reason, family_of
 from autopar.execute.options import DEFAULT_SEQ_LEN, ParallelOptions
 from autopar.execute.runtime import (
@@ -270,7 +271,10 @@ def build_parallel(model_cls, config, source, rt: Runtime, options: ParallelOpti
             raise AssertionError("the data-parallel fallback needs the model in memory")
         model = whole_model.to(rt.device)
         stage = _WholeModelStage(model)
-        if dp_wrapped(plan.dp, plan.precision):
+        wrapper = dp_wrapper(plan)  # autopar/cost/data_parallel.py [Note: ZeRO stages as run]
+        if wrapper is Wrapper.DDP:
+            stage = wrap_ddp(stage, layout)
+        elif wrapper is not Wrapper.NONE:
             layers = set(getattr(model, "_no_split_modules", None) or ())
             for module in model.modules():
                 if type(module).__name__ in layers:
@@ -289,9 +293,12 @@ def build_parallel(model_cls, config, source, rt: Runtime, options: ParallelOpti
         if plan.tp > 1:
             apply_tp(model, family, layout, converted)
         stages = {c: StageModule(family, model, c, layout.num_chunks, blocks) for c, blocks in per_chunk.items()}
-        if dp_wrapped(plan.dp, plan.precision):  # autopar/cost/data_parallel.py [Note: ZeRO stages as run]
+        wrapper = dp_wrapper(plan)  # autopar/cost/data_parallel.py [Note: ZeRO stages as run]
+        if wrapper in (Wrapper.REPLICATE, Wrapper.FULLY_SHARD):
             apply_data_parallel(list(stages.values()), layout)
         fill_from(model, family, source, plan.tp, converted, rt.device)
+        if wrapper is Wrapper.DDP:
+            stages = {c: wrap_ddp(stage, layout) for c, stage in stages.items()}
     model.train(training)
     tie_group, tied_param = _tie_group(model, family, layout, rt) if family else (None, None)
     if tied_param is not None and layout.pp_rank != 0:

@@ -24,8 +24,9 @@ whole global batch with a live autograd graph (layouts without pipeline
 parallelism): each data-parallel rank runs its rows, the rows are gathered on
 every rank by :class:`_GatherRows`, whose backward keeps only this rank's
 rows of the gradient. Every rank computes the same loss from the same logits,
-so each rank's rows receive exactly the single-device gradient, and FSDP2's
-summed reduce-scatter adds the ranks' parts. With pipeline parallelism the
+so each rank's rows receive exactly the single-device gradient, and the
+data-parallel wrapper's summed reduction adds the ranks' parts (DDP averages:
+the rows' gradient is multiplied by dp first, autopar.execute.build.grad_scale). With pipeline parallelism the
 logits exist only on the last stage: a ``loss_fn`` given to the one line
 runs there instead (:class:`StepLoss`).
 """
@@ -105,11 +106,13 @@ def loss_with_backward(loss: torch.Tensor, pending: PendingGrads, anchor: torch.
 
 
 class _GatherRows(torch.autograd.Function):
-    """All-gather rows over a data-parallel group; backward keeps this rank's rows (no communication)."""
+    """All-gather rows over a data-parallel group; backward keeps this rank's rows (no communication),
+    multiplied by ``scale`` (autopar.execute.build.grad_scale: DDP averages what it reduces)."""
 
     @staticmethod
-    def forward(ctx, local: torch.Tensor, group, size: int, rank: int) -> torch.Tensor:
+    def forward(ctx, local: torch.Tensor, group, size: int, rank: int, scale: int) -> torch.Tensor:
         ctx.rows = (rank * local.shape[0], (rank + 1) * local.shape[0])
+        ctx.scale = scale
         parts = [torch.empty_like(local) for _ in range(size)]
         dist.all_gather(parts, local.contiguous(), group=group)
         return torch.cat(parts)
@@ -117,14 +120,15 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         lo, hi = ctx.rows
-        return grad[lo:hi], None, None, None
+        mine = grad[lo:hi]
+        return (mine * ctx.scale if ctx.scale != 1 else mine), None, None, None, None
 
 
-def gather_rows(local: torch.Tensor, group, size: int, rank: int) -> torch.Tensor:
+def gather_rows(local: torch.Tensor, group, size: int, rank: int, *, grad_scale: int = 1) -> torch.Tensor:
     """The global batch's rows on every rank, differentiable (see [Note: the user's own loss])."""
     if size == 1:
         return local
-    return _GatherRows.apply(local, group, size, rank)
+    return _GatherRows.apply(local, group, size, rank, grad_scale)
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

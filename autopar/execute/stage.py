@@ -54,3 +54,11 @@ class StageModule(nn.Module):
         if not self.is_last:
             return hidden, mask.to(hidden.dtype)
         return family.logits(self._model, hidden)
+
+
+def inner_stage(module: nn.Module) -> nn.Module:
+    """The :class:`StageModule` (or whole-model stage) inside a stage the step runs: DDP wraps it in another
+    module (``.module``); FSDP2 and replicate wrap in place."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return module.module if isinstance(module, DistributedDataParallel) else module

@@ -34,10 +34,10 @@ import torch
 import torch.distributed as dist
 
 from autopar.errors import AutoparError, TokenIdError
-from autopar.cost.data_parallel import executed_zero_stage
+from autopar.cost.data_parallel import Wrapper, dp_wrapper, executed_zero_stage
 from autopar.execute import compat
 from autopar.execute.batch import Batch, agree_batch, pad_columns, pad_rows, rank_aware_loader
-from autopar.execute.build import Layout
+from autopar.execute.build import Layout, grad_scale
 from autopar.execute.gradients import local
 from autopar.execute.runtime import Runtime
 from autopar.execute.semantics import (
@@ -100,6 +100,10 @@ class ParallelRuntime:
         self.dropout = dropout
         """autopar.execute.rng.DropoutStream when the model has dropout > 0, else None."""
         self.loss_fn = StepLoss(getattr(options, "loss_fn", None), vocab=self._vocab_shards())
+        self.ddp = dp_wrapper(plan) is Wrapper.DDP
+        """The one stage runs in torch's DistributedDataParallel (autopar.execute.build.wrap_ddp)."""
+        self.grad_scale = grad_scale(plan)
+        """Each rank's gradient is multiplied by this before the data-parallel wrapper reduces it (DDP averages)."""
         self._anchor = torch.zeros((), requires_grad=True)
         self._schedules: dict[tuple[int, int, int], object] = {}
         self._shape: tuple[int, int] | None = None
@@ -291,7 +295,7 @@ class ParallelRuntime:
         with self._random():
             logits = self._whole_logits(self.stages[0](ids, mask))
         return gather_rows(logits, self.layout.sub(MeshAxis.DP).get_group() if self.plan.dp > 1 else None, self.plan.dp,
-                           self.layout.dp_rank)
+                           self.layout.dp_rank, grad_scale=self.grad_scale)
 
     def _shard_grads_after_backward(self) -> None:
         """The user's backward runs outside the call: cut replicated gradients back to the shard as they land."""
@@ -330,13 +334,15 @@ class ParallelRuntime:
             stage = self.stages[0]
             fsdp = hasattr(stage, "set_requires_gradient_sync")
             # autopar/cost/data_parallel.py [Note: ZeRO stages as run]: FSDP2 (ZeRO 2, 3) reduce-scatters every
-            # micro-batch, so gradients stay sharded; replicate (ZeRO 0) all-reduces once, with the last.
+            # micro-batch, so gradients stay sharded; replicate and DDP (ZeRO 0) all-reduce once, with the last.
             sync_every = executed_zero_stage(self.plan) >= 2
             for m, (i, k, y) in enumerate(self._chunks(ids, mask, labels)):
+                last = m == self.num_microbatches - 1
                 if fsdp:
-                    stage.set_requires_gradient_sync(sync_every or m == self.num_microbatches - 1)
-                loss = self.loss_fn(stage(i, k), y)
-                loss.backward()
+                    stage.set_requires_gradient_sync(sync_every or last)
+                with contextlib.nullcontext() if last or not self.ddp else stage.no_sync():
+                    loss = self.loss_fn(stage(i, k), y)
+                    loss.backward(torch.full_like(loss, self.grad_scale) if self.grad_scale != 1 else None)
                 total += loss.detach()
         else:
             losses: list = []

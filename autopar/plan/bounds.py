@@ -205,7 +205,7 @@ class PlannerBounds:
     def _bytes_per_param(cand: Candidate) -> float:
         """Bytes per parameter at the peak that scale with the device's parameters (autopar.cost.data_parallel
         .dp_bytes_per_param: held state and the data-parallel wrapper's full-size copies)."""
-        return _bytes_per_param(cand.dp, cand.zero_stage, cand.pp, cand.precision)
+        return _bytes_per_param(cand.dp, cand.tp, cand.zero_stage, cand.pp, cand.precision)
 
     def _static_bytes(self, cand: Candidate, params: float) -> float:
         return params * self._bytes_per_param(cand)
@@ -277,8 +277,10 @@ def _water_level(floors: list[float], volume: float) -> float:
 
 
 @lru_cache(maxsize=1024)
-def _bytes_per_param(dp: int, zero_stage: int, pp: int, precision) -> float:
-    """PlannerBounds._bytes_per_param for one (dp, ZeRO stage, pp, precision), cached: the planner asks per candidate."""
+def _bytes_per_param(dp: int, tp: int, zero_stage: int, pp: int, precision) -> float:
+    """PlannerBounds._bytes_per_param for one (dp, tp, ZeRO stage, pp, precision), cached: the planner asks per
+    candidate."""
     from types import SimpleNamespace
 
-    return sum(dp_bytes_per_param(SimpleNamespace(dp=dp, zero_stage=zero_stage, pp=pp, precision=precision)).values())
+    layout = SimpleNamespace(dp=dp, tp=tp, zero_stage=zero_stage, pp=pp, precision=precision)
+    return sum(dp_bytes_per_param(layout).values())

@@ -17,8 +17,8 @@ as the model can tell, and among those the planner takes, in this order:
    micro-batches, fewer micro-batches per rank). The model prices a FLOP alike in any size of
    matmul; real kernels, launches and per-micro-batch collectives do not (issue 10: a tie that went
    to the smallest micro-batch, one FSDP all-gather per micro-batch, ran 1.5x slower);
-3. the least communication per step: TP, pipeline sends and data-parallel traffic, hidden or not
-   (interleaving's extra sends lose here to one chunk per rank);
+3. the least communication per step: TP (of the pipeline rank with the most), pipeline sends and
+   data-parallel traffic, hidden or not (interleaving's extra sends lose here to one chunk per rank);
 4. the faster prediction, then the candidate's field order (determinism).
 
 The window is scanned in order of operations; once a plan without risks is held, no plan with more
@@ -119,10 +119,13 @@ def judge(planner, ev) -> Judged:
     else:
         no_overlap_s, traffic_s = ev.cost.step_time_s, ev.cost.dp_comm_s
     cost = ev.cost
+    # TP traffic of the rank that has the most, not of the step's bottleneck rank: a pipeline whose
+    # bottleneck is the LM head's stage would otherwise count none of its blocks' TP collectives.
+    tp_s = plan.num_microbatches * max(s.tp_comm_s for s in cost.stages)
     return Judged(evaluated=ev, no_overlap_step_s=no_overlap_s, dp_traffic_s=traffic_s,
                   memory_share=max(s.peak_bytes / s.capacity_bytes for s in cost.stages),
                   operations=operations(ev.candidate, len(planner.names)),
-                  communication_s=cost.tp_comm_s + cost.pp_comm_s + traffic_s)
+                  communication_s=tp_s + cost.pp_comm_s + traffic_s)
 
 
 def window_limit(fastest_s: float) -> float:

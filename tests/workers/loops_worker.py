@@ -257,6 +257,8 @@ def main() -> None:
                 got["param_rel_diff"] = param_diffs(model, ref["state"]) if compare else {}
                 got["ref_names"] = sorted(ref["state"])
                 got["plan"] = model._autopar.plan.describe()
+                stages = model._autopar.stages
+                got["wrapper"] = type(stages[min(stages)]).__name__
                 lay = model._autopar.layout
                 got["tp_rank"], got["pp_rank"], got["dp_rank"] = lay.tp_rank, lay.pp_rank, lay.dp_rank
                 result[kind] = got
