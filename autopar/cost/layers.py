@@ -39,8 +39,8 @@ class CostOptions:
     Megatron-LM 2021 runs reduced their 16-bit gradients in 16 bits (2)."""
     dp_reduce_calls: int | None = None
     """Collectives the data-parallel gradient reduction takes per step; None: as autopar's executor runs
-    it (one per layer: its replicate / FSDP2 wrappers reduce each block; DDP one per 25 MiB bucket). Megatron-LM 2021's local DDP all-reduced
-    one flat buffer (1)."""
+    it (one per layer: its replicate / FSDP2 wrappers reduce each block; DDP one per 25 MiB bucket).
+    Megatron-LM 2021's local DDP all-reduced one flat buffer (1)."""
     dp_backward_prefetch: bool = True
     """ZeRO 3 gathers a block's parameters before the backward that needs them (FSDP2, as autopar runs it;
     FSDP1's ``BACKWARD_PRE``); False: after the previous block's backward (FSDP1's ``BACKWARD_POST``), so
