@@ -27,9 +27,8 @@ rows of the gradient. Every rank computes the same loss from the same logits,
 so each rank's rows receive exactly the single-device gradient, and the
 data-parallel wrapper's summed reduction adds the ranks' parts (DDP averages:
 the rows' gradient is multiplied by dp first, autopar.execute.build.grad_scale).
-With pipeline parallelism the
-logits exist only on the last stage: a ``loss_fn`` given to the one line
-runs there instead (:class:`StepLoss`).
+With pipeline parallelism the logits exist only on the last stage: a
+``loss_fn`` given to the one line runs there instead (:class:`StepLoss`).
 """
 
 from __future__ import annotations
