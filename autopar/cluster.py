@@ -215,7 +215,7 @@ class ClusterSpec:
             return 0.0
         rows = {(t, z): max(0.0, m - p) for t, _, z, m, p in self.measured_layout_fixed}
         degrees = [t for t, z in rows if z == 0]
-        base = rows[(min(degrees, key=lambda t: (abs(math.log(t / tp)), t)), 0)] if degrees else 0.0
+        base = rows[(_nearest_degree(degrees, tp), 0)] if degrees else 0.0
         if dp > 1 and zero_stage and (1, zero_stage) in rows and (1, 0) in rows:
             base += max(0.0, rows[(1, zero_stage)] - rows[(1, 0)])
         return base
@@ -226,8 +226,8 @@ class ClusterSpec:
         nearest pipeline degree measured, measured minus priced, at least 0."""
         if not self.measured_pipeline_fixed or pp == 1:
             return 0.0
-        _, measured, priced = min(self.measured_pipeline_fixed, key=lambda r: (abs(math.log(r[0] / pp)), r[0]))
-        return max(0.0, measured - priced)
+        rows = {d: max(0.0, m - p) for d, m, p in self.measured_pipeline_fixed}
+        return rows[_nearest_degree(list(rows), pp)]
 
     def measured_send(self, inter_node: bool) -> tuple[float, float] | None:
         """(latency s, bytes/s) of one measured pipeline send (``measured_p2p``), or None."""
@@ -459,36 +459,36 @@ def measured_links_from_dict(data, where: str) -> dict:
             raise AutoparError(f"{where}: measured.{key}={show(value)} must be a number of at least 1 "
                                "(1: a device per rank); run autopar calibrate again")
         sharing[key] = float(value)
-    fixed = []
-    for i, row in enumerate(data.get("layout_fixed") or []):
-        ok = isinstance(row, list) and len(row) == 5 and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) for x in row)
-        ok = ok and all(x == int(x) and x >= lo for x, lo in zip(row[:3], (1, 1, 0))) and min(row[3:]) >= 0
-        if not ok:
-            raise AutoparError(f"{where}: measured.layout_fixed[{i}]={show(row)} must be [tp, dp, zero_stage, "
-                               "measured_ms, priced_ms] (whole tp, dp >= 1, zero_stage >= 0, times >= 0); "
-                               "run autopar calibrate again")
-        fixed.append((int(row[0]), int(row[1]), int(row[2]), row[3] * 1e-3, row[4] * 1e-3))
-    pipeline_fixed = tuple(_pipeline_fixed_row(r, f"measured.pipeline_fixed[{i}]", where)
+    fixed = tuple(_fixed_cost_row(r, f"measured.layout_fixed[{i}]", where, {"tp": 1, "dp": 1, "zero_stage": 0})
+                  for i, r in enumerate(data.get("layout_fixed") or []))
+    pipeline_fixed = tuple(_fixed_cost_row(r, f"measured.pipeline_fixed[{i}]", where, {"pp": 2})
                            for i, r in enumerate(data.get("pipeline_fixed") or []))
     calibration = data.get("calibration", "measured")
     if not isinstance(calibration, str):
         raise AutoparError(f"{where}: measured.calibration={show(calibration)} must be a string (where and when)")
     return {"measured_collectives": colls, "measured_p2p": p2p, **sharing,
             "measured_overheads_s": tuple(sorted((str(k), v * 1e-6) for k, v in overheads.items())),
-            "measured_layout_fixed": tuple(fixed), "measured_pipeline_fixed": pipeline_fixed,
+            "measured_layout_fixed": fixed, "measured_pipeline_fixed": pipeline_fixed,
             "calibration": calibration}
 
 
-def _pipeline_fixed_row(row, path: str, where: str) -> tuple[int, float, float]:
-    """``[pp, measured_ms, priced_ms]`` as (pp, measured s, priced s)."""
-    ok = isinstance(row, list) and len(row) == 3 and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) for x in row)
-    ok = ok and all(math.isfinite(x) for x in row)
-    if not (ok and row[0] == int(row[0]) and row[0] >= 2 and min(row[1:]) >= 0):
-        raise AutoparError(f"{where}: {path}={show(row)} must be [pp, measured_ms, priced_ms] (whole pp >= 2, "
-                           "finite times >= 0); run autopar calibrate again")
-    return int(row[0]), row[1] * 1e-3, row[2] * 1e-3
+def _nearest_degree(degrees: list[int], degree: int) -> int:
+    """The measured degree nearest ``degree`` by ratio (the smaller on a tie): the row a fixed cost is read from."""
+    return min(degrees, key=lambda d: (abs(math.log(d / degree)), d))
+
+
+def _fixed_cost_row(row, path: str, where: str, degrees: dict[str, int]) -> tuple:
+    """``[degree..., measured_ms, priced_ms]`` (``degrees``: name -> least value, in the row's order) as
+    (degree..., measured s, priced s): whole degrees, finite times >= 0."""
+    n = len(degrees)
+    ok = isinstance(row, list) and len(row) == n + 2 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in row)
+    ok = ok and all(x == int(x) and x >= lo for x, lo in zip(row[:n], degrees.values())) and min(row[n:]) >= 0
+    if not ok:
+        bounds = ", ".join(f"{name} >= {lo}" for name, lo in degrees.items())
+        raise AutoparError(f"{where}: {path}={show(row)} must be [{', '.join(degrees)}, measured_ms, priced_ms] "
+                           f"(whole {bounds}, finite times >= 0); run autopar calibrate again")
+    return (*(int(x) for x in row[:n]), row[n] * 1e-3, row[n + 1] * 1e-3)
 
 
 def _link_row(row, path: str, where: str, head: int) -> tuple:
