@@ -550,3 +550,19 @@ def test_calibrates_tiny_pipeline_runs_on_two_gloo_ranks(tmp_path):
     (written,) = data["measured"]["pipeline_fixed"]
     assert written[0] == 2 and written[1] > 0 and written[2] >= 0
     assert cluster_from_dict(json.loads(json.dumps(data)), name="c").measured_pipeline_fixed[0][0] == 2
+
+
+def test_cpu_seconds_per_rank_and_the_cores_a_step_kept_busy():
+    """Four ranks on two cores: per rank the median CPU seconds of a timed step, and per step the ranks' CPU
+    seconds over its wall time (the cores kept busy); none where the worker recorded no CPU time."""
+    walls = [[2.0, 2.0], [4.0]]
+    cpu = [[[1.0, 0.9], [1.8]], [[1.0, 1.1], [1.8]], [[0.4, 0.5], [0.2]], [[1.2, 1.3], [2.0]]]
+    stats = R.cpu_stats(walls, cpu)
+    assert stats["per_rank_median_s"] == [1.0, 1.1, 0.4, 1.3]
+    # step busy cores: (1.0+1.0+0.4+1.2)/2 = 1.8, (0.9+1.1+0.5+1.3)/2 = 1.9, (1.8+1.8+0.2+2.0)/4 = 1.45
+    assert stats["busy_cores"] == pytest.approx(1.8)
+    assert R.cpu_stats(walls, None) is None
+    entry = _entry("ddp", "ddp", predicted_s=None) | {"cpu_s": [[[0.5] * 4] * 3] * 4}
+    record = R.layout_record(entry, tokens_per_step=2048, reference_flops=None)
+    assert record["measured"]["cpu"]["busy_cores"] == pytest.approx(2.0 / 1.0)
+    assert R.layout_record(_entry("ddp", "ddp", predicted_s=None), 2048, None)["measured"]["cpu"] is None

@@ -197,7 +197,7 @@ def test_own_loss_is_planned_without_pipeline_as_one_micro_batch_with_the_global
 
 def _robust_oracle(profile, cluster, batch, pins=Pins(), opts=None):
     """Oracle for [Note: robust choice]: cost every candidate, keep those that fit within the model's error of
-    the fastest, take the least key (risks, operations, communication, step, field order)."""
+    the fastest, take the least key (risks, model-parallel size, operations, communication, step, field order)."""
     from autopar.plan.robust import judge, window_limit
 
     planner = Planner(profile, cluster, global_batch_size=batch, pins=pins, opts=opts)
@@ -247,16 +247,16 @@ def test_every_bound_is_a_true_lower_bound(pins, opts):
         assert mem_lb <= peak * (1 + 1e-9) and planner.memory_bound(cand) <= peak * (1 + 1e-9), cand
 
 
-def test_tie_rule_prefers_no_risk_then_fewer_operations_then_less_communication():
+def test_tie_rule_prefers_no_risk_then_less_model_parallelism_then_fewer_operations_then_less_communication():
     """Hand-made judgements: the key of [Note: robust choice]."""
     from types import SimpleNamespace
 
     from autopar.plan.robust import Judged
 
-    def plan(step, *, memory=0.5, hidden=0.0, ops=100.0, comm=1.0, order=0):
+    def plan(step, *, memory=0.5, hidden=0.0, mp=1, ops=100.0, comm=1.0, order=0):
         ev = SimpleNamespace(cost=SimpleNamespace(step_time_s=step), candidate=order)
         return Judged(evaluated=ev, no_overlap_step_s=step + hidden, dp_traffic_s=hidden, memory_share=memory,
-                      operations=ops, communication_s=comm)
+                      model_parallel=mp, operations=ops, communication_s=comm)
 
     fast = plan(10.0, ops=800)  # one FSDP all-gather per micro-batch of 1: many small passes
     assert plan(10.3, ops=100).key() < fast.key()
@@ -265,6 +265,10 @@ def test_tie_rule_prefers_no_risk_then_fewer_operations_then_less_communication(
     zero3, zero1 = plan(16.9, hidden=13.73, ops=10), plan(17.9, hidden=1.0, ops=10, comm=20)
     assert "overlap" in zero3.risks() and not zero1.risks() and zero1.key() < zero3.key()
     assert "memory" in plan(1.0, memory=0.9975).risks()  # issue 10's GPT-2 XL on 16 A100-40GB
+    # dp4 against a dp2 x pp2 pipeline with half the layer passes per GPU (4 CPU ranks, 2026-12-01): data
+    # parallelism first; but not over a risk
+    assert plan(3.17, mp=1, ops=22).key() < plan(3.11, mp=2, ops=11).key()
+    assert plan(3.11, mp=2, ops=11).key() < plan(3.0, mp=1, ops=22, memory=0.99).key()
     assert not plan(1.0, memory=0.9).risks()
 
 

@@ -131,13 +131,18 @@ def batches(spec: dict, vocab: int, n: int) -> list[torch.Tensor]:
     return out
 
 
-def timed_step(variant: Variant, ids: torch.Tensor) -> tuple[float, float]:
-    """(seconds between two barriers, loss) of one step."""
+def timed_step(variant: Variant, ids: torch.Tensor) -> tuple[float, float, float]:
+    """(seconds between two barriers, loss, this process's CPU seconds in them) of one step.
+
+    The CPU seconds (user and system, every thread of the rank) tell, on ranks that share cores, the
+    work a layout does from the time its ranks wait: their sum over the ranks over the step's wall time
+    is the cores the step kept busy."""
     dist.barrier()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     loss, _ = variant.step(ids)
+    cpu = time.process_time() - cpu
     dist.barrier()
-    return time.perf_counter() - start, loss
+    return time.perf_counter() - start, loss, cpu
 
 
 def memory_step(variant: Variant, ids: torch.Tensor) -> tuple[float, RankMemory]:
@@ -184,19 +189,21 @@ def run(spec: dict) -> dict | None:
                 progress(f"counting memory: {variant.layout['name']}")
                 losses[v][i], memory[v] = memory_step(variant, data[i])
     times = [[[] for _ in range(spec["rounds"])] for _ in variants]
+    cpu = [[[] for _ in range(spec["rounds"])] for _ in variants]
     for r in range(spec["rounds"]):
         order = [(r + j) % len(variants) for j in range(len(variants))]
         for v in order:
             progress(f"round {r + 1}/{spec['rounds']}: {variants[v].layout['name']}")
             for s in range(spec["steps"]):
                 i = untimed + r * spec["steps"] + s
-                times[v][r].append(None)
-                times[v][r][-1], losses[v][i] = timed_step(variants[v], data[i])
+                elapsed, losses[v][i], cpu_s = timed_step(variants[v], data[i])
+                times[v][r].append(elapsed)
+                cpu[v][r].append(cpu_s)
     if spec.get("trace_dir"):
         trace(variants, data[-1], Path(spec["trace_dir"]), rank)
     gathered = [None] * world
-    dist.all_gather_object(gathered, [m.to_dict() | {"pp_rank": variant.pp_rank}
-                                      for m, variant in zip(memory, variants)])
+    dist.all_gather_object(gathered, [(m.to_dict() | {"pp_rank": variant.pp_rank}, c)
+                                      for m, variant, c in zip(memory, variants, cpu)])
     if rank != 0:
         return None
     out = []
@@ -205,7 +212,8 @@ def run(spec: dict) -> dict | None:
         out.append({"name": variant.layout["name"], "kind": variant.layout["kind"],
                     "options": variant.layout.get("options"), **info,
                     "times_s": times[v], "losses": losses[v],
-                    "memory": [gathered[r][v] for r in range(world)]})
+                    "memory": [gathered[r][v][0] for r in range(world)],
+                    "cpu_s": [gathered[r][v][1] for r in range(world)]})
     return {"layouts": out, "world_size": world, "device": str(device), "load_avg_1min": os.getloadavg()[0]}
 
 

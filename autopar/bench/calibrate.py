@@ -101,6 +101,7 @@ def cluster_json(raw: dict, command: str) -> dict:
             "format_version": MEASURED_FORMAT_VERSION, "calibration": calibration, "command": command,
             "when": raw["when"], "where": where, "dtype": raw["dtype"], "quick": raw.get("quick", False),
             "ranks_per_device": per_unit, "shared_slowdown": shared_slowdown(sharing),
+            "shared_slowdown_samples": sharing.get("shared_slowdown_samples"),
             "comm_overlap": raw.get("overlap", {}).get("comm_overlap", 1.0), "overlap_timings": raw.get("overlap"),
             "collectives": [[op, g, inter, lat * 1e6, bw / 1e9] for op, g, inter, lat, bw in colls],
             "p2p": [[inter, lat * 1e6, bw / 1e9] for inter, lat, bw in p2p],

@@ -273,6 +273,12 @@ SHARING_WORK_S = 0.5
 hundreds of the scheduler's time slices (a few ms each on Linux), so the ratio is not one slice's luck
 (short samples measured 1.03, 2.57 and 3.29 for the same 4 ranks on 2 cores)."""
 
+SHARING_PAIRS = 3
+"""Alone-then-together pairs of :data:`SHARING_WORK_S` samples; the slowdown is their median ratio. One pair
+gave 2.03 and 2.70 for the same 4 ranks on 2 cores two hours apart (2026-12-01) while the bench steps
+between them kept the cores equally busy (1.84-1.92 cores): one slow or fast alone sample moves the ratio
+of every all-busy step the cost model prices."""
+
 
 def core_sharing(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """How many ranks share a core (CPU) or a device (GPU), counted and measured.
@@ -301,15 +307,19 @@ def core_sharing(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
         return time.perf_counter() - start
 
     reps = int(_broadcast_float(max(1, int(SHARING_WORK_S / max(alone(lambda: a @ b, device), 1e-7)))))
-    if dist.is_initialized():
-        dist.barrier()
-    solo = _broadcast_float(work(reps) if _rank() == 0 else 0.0)  # the others wait in the broadcast
-    if dist.is_initialized():
-        dist.barrier()
-    shared = slowest(work(reps))  # the same work on every rank at once: the last one's finish
+    ratios = []
+    for _ in range(SHARING_PAIRS):
+        if dist.is_initialized():
+            dist.barrier()
+        solo = _broadcast_float(work(reps) if _rank() == 0 else 0.0)  # the others wait in the broadcast
+        if dist.is_initialized():
+            dist.barrier()
+        shared = slowest(work(reps))  # the same work on every rank at once: the last one's finish
+        ratios.append(shared / solo)
     threads = 1 if device.type == "cuda" else torch.get_num_threads()
     return {"ranks_per_node": local_world, unit: units, "threads_per_rank": threads,
-            "ranks_per_unit": max(1.0, local_world * threads / max(units, 1)), "shared_slowdown": shared / solo}
+            "ranks_per_unit": max(1.0, local_world * threads / max(units, 1)),
+            "shared_slowdown": statistics.median(ratios), "shared_slowdown_samples": ratios}
 
 
 def _broadcast_float(value: float) -> float:

@@ -28,6 +28,19 @@ def step_stats(times_by_round: list[list[float]]) -> dict:
             "steps": len(times)}
 
 
+def cpu_stats(times_by_round: list[list[float]], cpu_by_rank: list[list[list[float]]] | None) -> dict | None:
+    """Per rank the median CPU seconds of a timed step, and the median over the steps of the ranks' CPU
+    seconds over the step's wall time: the cores (devices, on CPU) the step kept busy. None where the worker
+    did not record CPU time (a record of format 1 before it did, or the script bench)."""
+    if not cpu_by_rank:
+        return None
+    walls = [t for rnd in times_by_round for t in rnd]
+    per_rank = [[c for rnd in rank for c in rnd] for rank in cpu_by_rank]
+    busy = [sum(rank[i] for rank in per_rank) / w for i, w in enumerate(walls) if w > 0]
+    return {"per_rank_median_s": [statistics.median(r) for r in per_rank],
+            "busy_cores": statistics.median(busy) if busy else None}
+
+
 def spread(stats: dict) -> float:
     """The interquartile range over the median: the run-to-run noise a difference must beat."""
     return (stats["p75_s"] - stats["p25_s"]) / stats["median_s"] if stats.get("median_s") else 0.0
@@ -65,6 +78,7 @@ def layout_record(raw: dict, tokens_per_step: int, reference_flops: float | None
                 "tokens_per_s": tokens_per_step / median if median else None,
                 "mfu": reference_flops / median if median and reference_flops else None,
                 "losses": raw["losses"], "memory": raw["memory"],
+                "cpu": cpu_stats(raw["times_s"], raw.get("cpu_s")),
                 "peak_memory_bytes": [m["cuda_peak"] if m.get("cuda_peak") is not None else m["counted"]
                                       for m in raw["memory"]]}
     out = {k: raw.get(k) for k in ("name", "kind", "options", "layout", "plan_digest", "planned", "plan")}

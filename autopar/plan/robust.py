@@ -11,18 +11,25 @@ as the model can tell, and among those the planner takes, in this order:
      model's own ``overlap_dp_comm=False``: the step with no overlap). A smaller reliance is printed
      with its price but does not count;
    - memory near the limit: its peak is within MEMORY_MODEL_ERROR of the planned capacity;
-2. the fewest operations: layer passes per GPU per step, m x layers per pipeline rank x passes
+2. the smallest model-parallel size, tensor x pipeline degree: "a total model-parallel size of M = t.p should
+   be used so that the model's parameters and intermediate metadata fit in GPU memory; data parallelism can be
+   used to scale up training to more GPUs" (Narayanan et al. 2021, SC'21, section 3.3, takeaway 2). Each
+   model-parallel dimension adds what the model prices least surely (the schedule's bubble and its per-action
+   cost, the stage balance, point-to-point sends, TP's exposed collectives, a tied embedding summed across
+   stages); data parallelism alone adds one collective the step can hide. On 4 CPU ranks a dp2 x pp2 pipeline
+   predicted 2% faster than dp4 measured 15-20% slower (2026-12-01, docs/bench.md);
+3. the fewest operations: layer passes per GPU per step, m x layers per pipeline rank x passes
    (forward and backward; full recomputation runs the forward again). With the world and the batch
    fixed every layout does the same FLOPs per GPU, so fewer passes are larger ones (bigger
    micro-batches, fewer micro-batches per rank). The model prices a FLOP alike in any size of
    matmul; real kernels, launches and per-micro-batch collectives do not (issue 10: a tie that went
    to the smallest micro-batch, one FSDP all-gather per micro-batch, ran 1.5x slower);
-3. the least communication per step: TP (of the pipeline rank with the most), pipeline sends and
+4. the least communication per step: TP (of the pipeline rank with the most), pipeline sends and
    data-parallel traffic, hidden or not (interleaving's extra sends lose here to one chunk per rank);
-4. the faster prediction, then the candidate's field order (determinism).
+5. the faster prediction, then the candidate's field order (determinism).
 
-The window is scanned in order of operations; once a plan without risks is held, no plan with more
-operations can win, and the scan stops. ``explain`` prints why the plan is not the fastest predicted.
+The window is scanned in order of model-parallel size, then operations; once a plan without risks is held, no
+plan later in that order can win, and the scan stops. ``explain`` prints why the plan is not the fastest predicted.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ class Judged:
     """Data-parallel communication per step, hidden or not."""
     memory_share: float
     """Worst rank's predicted peak over its planned capacity."""
+    model_parallel: int
+    """Tensor x pipeline degree: the GPUs one copy of the model is split over."""
     operations: float
     """Layer passes per GPU per step."""
     communication_s: float
@@ -98,7 +107,8 @@ class Judged:
         return out
 
     def key(self) -> tuple:
-        return (len(self.risks()), self.operations, self.communication_s, self.step_s, self.evaluated.candidate)
+        return (len(self.risks()), self.model_parallel, self.operations, self.communication_s, self.step_s,
+                self.evaluated.candidate)
 
 
 def operations(cand, num_layers: int) -> float:
@@ -124,6 +134,7 @@ def judge(planner, ev) -> Judged:
     tp_s = plan.num_microbatches * max(s.tp_comm_s for s in cost.stages)
     return Judged(evaluated=ev, no_overlap_step_s=no_overlap_s, dp_traffic_s=traffic_s,
                   memory_share=max(s.peak_bytes / s.capacity_bytes for s in cost.stages),
+                  model_parallel=ev.candidate.tp * ev.candidate.pp,
                   operations=operations(ev.candidate, len(planner.names)),
                   communication_s=tp_s + cost.pp_comm_s + traffic_s)
 
@@ -147,15 +158,15 @@ def choose_robust(planner, ordered: list, fastest, capacity: float, progress=Non
     risky_memory = (1 - C.MEMORY_MODEL_ERROR) * capacity
     best = quickest = judge(planner, fastest)
     layers = len(planner.names)
-    window = sorted((operations(c, layers), lb, mem, i, c) for i, (lb, mem, c) in enumerate(ordered)
+    window = sorted(((c.tp * c.pp, operations(c, layers)), lb, mem, i, c) for i, (lb, mem, c) in enumerate(ordered)
                     if lb <= limit and mem <= capacity)
     costed = 0
-    for done, (ops, time_lb, mem_lb, _, cand) in enumerate(window):
+    for done, (order, time_lb, mem_lb, _, cand) in enumerate(window):
         if progress is not None:
             progress.step("plans inside the model's error", done, len(window), best.step_s)
         best_risks = len(best.risks())
-        if not best_risks and ops > best.operations:
-            break  # every later plan has more operations and at least no fewer risks
+        if not best_risks and order > (best.model_parallel, best.operations):
+            break  # every later plan splits the model more, or as much with more operations, and has no fewer risks
         if cand == fastest.candidate or (not best_risks and mem_lb > risky_memory):
             continue  # near the memory limit for sure: cannot beat a plan without risks
         if planner.step_bound(cand, time_lb) > limit:
@@ -182,6 +193,9 @@ def losing_risk(chosen: Judged, other: Judged) -> str:
     extra = [phrase for kind, phrase in other.risks().items() if kind not in chosen.risks()]
     if extra:
         return " and ".join(extra)
+    if chosen.model_parallel < other.model_parallel:
+        return (f"splits the model over more GPUs (tensor x pipeline {other.model_parallel} vs "
+                f"{chosen.model_parallel}: data parallelism first, model parallelism only as far as memory needs)")
     if chosen.operations < other.operations:
         return (f"runs more, smaller operations ({other.operations:,.0f} layer passes per GPU per step vs "
                 f"{chosen.operations:,.0f})")
