@@ -6,6 +6,7 @@ checked here too (the real `autopar calibrate` run is in tests/test_bench_run.py
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import json
 import subprocess
 import sys
@@ -300,8 +301,20 @@ def test_layout_fixed_costs_round_trip_compose_and_are_priced_per_block():
                 stages=(StagePlan(index=0, layers=names),), global_batch_size=8, seq_len=128,
                 precision=Precision.FP32)
     without, with_fixed = estimate(profile, base, plan), estimate(profile, cluster, plan)
-    # 4 blocks x 2 micro-batches x 35 ms, outside the compute the sharing slowdown scales
+    # 4 blocks x 2 micro-batches x 35 ms: host work measured with every rank busy, as every rank is here
     assert with_fixed.step_time_s - without.step_time_s == pytest.approx(4 * 2 * 35e-3, rel=1e-6)
+    # One micro-batch through two pipeline stages in turn: half the ranks idle at any time, so the fixed
+    # cost runs at one rank's alone rate, the measured (all-busy) one over the sharing slowdown
+    slower = json.loads(json.dumps(data))
+    slower["measured"]["shared_slowdown"] = 1.5  # below 2 (= pp): the stages in turn, not the sharing, bound
+    alone = cluster_from_dict(slower, name="fixed")
+    slower["measured"]["layout_fixed"] = []
+    plain = cluster_from_dict(slower, name="plain")
+    piped = replace(plan, dp=1, pp=2, num_microbatches=1, micro_batch_size=8, schedule=Schedule.GPIPE,
+                    stages=(StagePlan(index=0, layers=names[:3]), StagePlan(index=1, layers=names[3:])))
+    assert estimate(profile, plain, piped).extras.get("sharing_s") is None
+    added = estimate(profile, alone, piped).step_time_s - estimate(profile, plain, piped).step_time_s
+    assert added == pytest.approx(4 * 35e-3 / 1.5, rel=1e-6)
 
     data["measured"]["layout_fixed"] = [[2, 2, 0, -1.0, 5.0]]
     with pytest.raises(AutoparError, match=r"measured.layout_fixed\[0\]=.*run autopar calibrate again"):

@@ -236,18 +236,21 @@ def _chunk_fwd_bwd(layer_list: list[LayerCost], plan: Plan, cluster: ClusterSpec
     tp_s = collective_s(b * sum(x.tp_bytes for x in layer_list), plan.tp,
                         sum(x.tp_collectives for x in layer_list), tp_inter, cluster, opts.collective_efficiency,
                         ranks_per_node=min(plan.tp, cluster.gpus_per_node))
-    # The layout's measured fixed cost per block (ClusterSpec.block_fixed_s), like the collectives measured
-    # with every rank busy at once: it joins their time, which the sharing bound does not scale again.
+    # The measured fixed costs: the layout's per block (ClusterSpec.block_fixed_s: per-op dispatch, DTensor
+    # redistribution, the data-parallel wrapper's hooks) and, under a pipeline, torch.distributed.pipelining's
+    # per micro-batch of a chunk (ClusterSpec.pipeline_fixed_s: schedule bookkeeping, P2P ops issued and
+    # waited for, the stage's wrappers). Both are the rank's own host work, so they share the device as
+    # compute does. Measured with every rank busy (the shared rate), they are charged as compute at the
+    # alone rate; the sharing bound scales them back where all ranks run at once, not where some idle (a
+    # pipeline's warm-up, drain, or one micro-batch passing its stages in turn) ([Note: ranks sharing a
+    # device]). A layout without a pipeline keeps every rank busy: its step is the sharing bound's, as when
+    # the block's cost was counted at the shared rate.
     blocks = sum(1 for x in layer_list if x.kind is LayerKind.BLOCK)
-    tp_s += blocks * cluster.block_fixed_s(plan.tp, plan.dp, plan.zero_stage)
-    # Under a pipeline, what torch.distributed.pipelining pays per micro-batch of a chunk beyond its kernels
-    # and sends (ClusterSpec.pipeline_fixed_s: schedule bookkeeping, P2P ops issued and waited for, the
-    # stage's wrappers): the rank's own host work, so it shares the device as compute does. Measured with
-    # every rank busy (the shared rate), it is charged as compute at the alone rate; the sharing bound
-    # scales it back where all ranks run at once, not in the warm-up and drain where some idle
-    # ([Note: ranks sharing a device]).
+    fixed = blocks * cluster.block_fixed_s(plan.tp, plan.dp, plan.zero_stage)
     if plan.pp > 1:
-        fixed = cluster.pipeline_fixed_s(plan.pp) / max(1.0, cluster.shared_slowdown)
+        fixed += cluster.pipeline_fixed_s(plan.pp)
+    if fixed:
+        fixed /= max(1.0, cluster.shared_slowdown)
         share = f / (f + g) if f + g > 0 else 0.5
         f, g = f + fixed * share, g + fixed * (1 - share)
     if not opts.dp_flat_buffers:  # the data-parallel wrapper's copies (data_parallel [Note: wrapper copies])

@@ -111,6 +111,11 @@ class Judged:
                 self.evaluated.candidate)
 
 
+def model_parallel(cand) -> int:
+    """Tensor x pipeline degree: the GPUs one copy of the model is split over ([Note: robust choice] 2)."""
+    return cand.tp * cand.pp
+
+
 def operations(cand, num_layers: int) -> float:
     """Layer passes per GPU per step: m x layers per pipeline rank x (2, or 3 under full recomputation)."""
     passes = 3 if cand.recompute is Recompute.FULL else 2
@@ -134,7 +139,7 @@ def judge(planner, ev) -> Judged:
     tp_s = plan.num_microbatches * max(s.tp_comm_s for s in cost.stages)
     return Judged(evaluated=ev, no_overlap_step_s=no_overlap_s, dp_traffic_s=traffic_s,
                   memory_share=max(s.peak_bytes / s.capacity_bytes for s in cost.stages),
-                  model_parallel=ev.candidate.tp * ev.candidate.pp,
+                  model_parallel=model_parallel(ev.candidate),
                   operations=operations(ev.candidate, len(planner.names)),
                   communication_s=tp_s + cost.pp_comm_s + traffic_s)
 
@@ -158,8 +163,8 @@ def choose_robust(planner, ordered: list, fastest, capacity: float, progress=Non
     risky_memory = (1 - C.MEMORY_MODEL_ERROR) * capacity
     best = quickest = judge(planner, fastest)
     layers = len(planner.names)
-    window = sorted(((c.tp * c.pp, operations(c, layers)), lb, mem, i, c) for i, (lb, mem, c) in enumerate(ordered)
-                    if lb <= limit and mem <= capacity)
+    window = sorted(((model_parallel(c), operations(c, layers)), lb, mem, i, c)
+                    for i, (lb, mem, c) in enumerate(ordered) if lb <= limit and mem <= capacity)
     costed = 0
     for done, (order, time_lb, mem_lb, _, cand) in enumerate(window):
         if progress is not None:
