@@ -149,12 +149,12 @@ class ClusterSpec:
     measured_overheads_s: tuple[tuple[str, float], ...] = ()
     """Fixed seconds per call, measured: ``op`` (an eager op), ``autograd_op`` (one recorded op and its
     backward), ``module`` (an nn.Linear forward and backward), ``barrier``."""
-    measured_layout_fixed: tuple[tuple[int, int, int, float, float], ...] = ()
-    """(tp, dp, ZeRO stage, measured s, priced s) of one block's forward and backward per micro-batch in a
-    tiny model of negligible compute under that layout, every rank at once (``autopar calibrate``; docs/
-    clusters.md#measured): measured minus priced is the fixed cost a block pays under the layout that no
-    other term counts (DTensor's per-op dispatch, redistributions, FSDP2 / replicate hooks);
-    :meth:`block_fixed_s` composes any plan's from them."""
+    measured_layout_fixed: tuple[tuple[int, int, int, int, float, float], ...] = ()
+    """(tp, dp, ZeRO stage, tokens, measured s, priced s) of one block's forward and backward per micro-batch
+    of ``tokens`` (one sequence) in a tiny model of negligible compute under that layout, every rank at once
+    (``autopar calibrate``; docs/clusters.md#measured): measured minus priced is the cost a block pays under
+    the layout that no other term counts (DTensor's per-op dispatch, redistributions, FSDP2 / replicate
+    hooks); :meth:`block_fixed_s` composes any plan's from them."""
     measured_pipeline_fixed: tuple[tuple[int, float, float], ...] = ()
     """(pp, measured s, priced s) of what one more micro-batch adds to a 1F1B step of a tiny model of
     negligible compute, one block per pipeline rank, pp pipeline ranks, every rank at once (``autopar
@@ -207,17 +207,24 @@ class ClusterSpec:
                 return latency, rate
         return None
 
-    def block_fixed_s(self, tp: int, dp: int, zero_stage: int) -> float:
-        """Unpriced fixed seconds of one block's forward and backward per micro-batch under (tp, dp, ZeRO
-        stage), from ``measured_layout_fixed`` (0 without it): the TP degree's row at ZeRO 0 (the nearest
-        degree measured), plus, with data parallelism, the ZeRO stage's excess over ZeRO 0 at tp 1."""
+    def block_fixed_s(self, tp: int, dp: int, zero_stage: int, tokens: int) -> float:
+        """Unpriced seconds of one block's forward and backward per micro-batch of ``tokens`` under (tp, dp,
+        ZeRO stage), from ``measured_layout_fixed`` (0 without it): the TP degree's line at ZeRO 0 (the
+        nearest degree measured), plus, with data parallelism, the ZeRO stage's line's excess over ZeRO 0's
+        at tp 1. A line is its rows' excess (measured - priced, at least 0) at the smallest token count
+        measured, growing up to the largest by its slope less the reference layout's (tp 1, ZeRO 0), at
+        least 0, flat beyond (:func:`_tokens_line`)."""
         if not self.measured_layout_fixed or (tp == 1 and dp == 1):
             return 0.0
-        rows = {(t, z): max(0.0, m - p) for t, _, z, m, p in self.measured_layout_fixed}
-        degrees = [t for t, z in rows if z == 0]
-        base = rows[(_nearest_degree(degrees, tp), 0)] if degrees else 0.0
-        if dp > 1 and zero_stage and (1, zero_stage) in rows and (1, 0) in rows:
-            base += max(0.0, rows[(1, zero_stage)] - rows[(1, 0)])
+        lines: dict[tuple[int, int], list[tuple[int, float]]] = {}
+        for t, _, z, n, m, p in self.measured_layout_fixed:
+            lines.setdefault((t, z), []).append((n, max(0.0, m - p)))
+        reference = _slope(lines.get((1, 0), []))
+        degrees = [t for t, z in lines if z == 0]
+        base = _tokens_line(lines[(_nearest_degree(degrees, tp), 0)], tokens, reference) if degrees else 0.0
+        if dp > 1 and zero_stage and (1, zero_stage) in lines and (1, 0) in lines:
+            base += max(0.0, _tokens_line(lines[(1, zero_stage)], tokens, reference)
+                        - _tokens_line(lines[(1, 0)], tokens, reference))
         return base
 
     def pipeline_fixed_s(self, pp: int) -> float:
@@ -459,7 +466,8 @@ def measured_links_from_dict(data, where: str) -> dict:
             raise AutoparError(f"{where}: measured.{key}={show(value)} must be a number of at least 1 "
                                "(1: a device per rank); run autopar calibrate again")
         sharing[key] = float(value)
-    fixed = tuple(_fixed_cost_row(r, f"measured.layout_fixed[{i}]", where, {"tp": 1, "dp": 1, "zero_stage": 0})
+    fixed = tuple(_fixed_cost_row(_with_tokens(r), f"measured.layout_fixed[{i}]", where,
+                                  {"tp": 1, "dp": 1, "zero_stage": 0, "tokens": 1})
                   for i, r in enumerate(data.get("layout_fixed") or []))
     pipeline_fixed = tuple(_fixed_cost_row(r, f"measured.pipeline_fixed[{i}]", where, {"pp": 2})
                            for i, r in enumerate(data.get("pipeline_fixed") or []))
@@ -472,9 +480,42 @@ def measured_links_from_dict(data, where: str) -> dict:
             "calibration": calibration}
 
 
+def _slope(points: list[tuple[int, float]]) -> float:
+    """Seconds per token between the smallest and the largest token count of ``points`` (0 with one)."""
+    if len({n for n, _ in points}) < 2:
+        return 0.0
+    (n0, s0), (n1, s1) = min(points), max(points)
+    return (s1 - s0) / (n1 - n0)
+
+
+def _tokens_line(points: list[tuple[int, float]], tokens: int, reference_slope: float) -> float:
+    """A layout's unpriced cost a block at ``tokens`` ([``ClusterSpec.block_fixed_s``]): its value at the
+    smallest count measured, plus, up to the largest, its growth per token beyond the reference layout's
+    (tp 1, ZeRO 0: data parallelism adds nothing that scales with a block's tokens, so its growth is the
+    tiny model's own compute left unpriced, which every layout's timing holds alike), never negative: what
+    TP's redistributions and copies add as activations grow. Flat past the largest count, as the matmul
+    table is past its largest shape: the tiny model's growth is not the real model's (extended, it put the
+    GPT-2 shape's tp 4 at 1.16x its measured step, 2026-12-01)."""
+    n0, s0 = min(points)
+    n1 = max(points)[0]
+    return s0 + max(0.0, _slope(points) - reference_slope) * max(0, min(tokens, n1) - n0)
+
+
 def _nearest_degree(degrees: list[int], degree: int) -> int:
     """The measured degree nearest ``degree`` by ratio (the smaller on a tie): the row a fixed cost is read from."""
     return min(degrees, key=lambda d: (abs(math.log(d / degree)), d))
+
+
+LEGACY_FIXED_TOKENS = 8
+"""Tokens of the one micro-batch that calibrations before the ``tokens`` column (2026-12-01) timed a
+layout's fixed cost at (``[tp, dp, zero_stage, measured_ms, priced_ms]`` rows): one 8-token sequence."""
+
+
+def _with_tokens(row):
+    """A ``layout_fixed`` row of a file calibrated before the ``tokens`` column, with it; others as they are."""
+    if isinstance(row, list) and len(row) == 5:
+        return [*row[:3], LEGACY_FIXED_TOKENS, *row[3:]]
+    return row
 
 
 def _fixed_cost_row(row, path: str, where: str, degrees: dict[str, int]) -> tuple:
@@ -519,7 +560,7 @@ def measured_links_to_dict(cluster: ClusterSpec) -> dict | None:
                             for op, g, inter, lat, bw in cluster.measured_collectives],
             "p2p": [[inter, lat * 1e6, bw / 1e9] for inter, lat, bw in cluster.measured_p2p],
             "overheads_us": {k: v * 1e6 for k, v in cluster.measured_overheads_s},
-            "layout_fixed": [[t, d, z, m * 1e3, p * 1e3] for t, d, z, m, p in cluster.measured_layout_fixed],
+            "layout_fixed": [[t, d, z, n, m * 1e3, p * 1e3] for t, d, z, n, m, p in cluster.measured_layout_fixed],
             "pipeline_fixed": [[pp, m * 1e3, p * 1e3] for pp, m, p in cluster.measured_pipeline_fixed]}
 
 

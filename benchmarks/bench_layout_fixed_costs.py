@@ -5,8 +5,8 @@
 
 The primitive ``autopar calibrate`` runs (autopar.bench.primitives.layout_fixed_rows): the model's family
 shrunk until its compute is negligible, built with 1 and with 3 blocks under the one line for each layout
-(tp = 1, 2, 4 with the rest data parallel, ZeRO 0; dp = world at ZeRO 3), one 8-token sequence forward and
-backward, the slowest rank's time; per block the difference over two blocks, so embedding, LM head and loss
+(tp = 1, 2, 4 with the rest data parallel, ZeRO 0; dp = world at ZeRO 3), one sequence of each of
+``FIXED_TOKENS`` (8 and 512 tokens) forward and backward, the slowest rank's time; per block the difference over two blocks, so embedding, LM head and loss
 cancel. Beside it, what the cost model prices for the same tiny models on ``--cluster`` (the same pricing
 calibrate stores, autopar.bench.calibrate): on a cluster without ``measured.layout_fixed`` the gap is the
 per-block fixed cost of DTensor dispatch, redistributions and FSDP2 / replicate hooks that no other term
@@ -47,10 +47,10 @@ def main() -> None:
     if dist.get_rank() == 0:
         priced = price_layout_fixed(rows, load_json_file(Path(args.cluster), "cluster JSON"))
         out = []
-        for tp, dp, zero, measured_ms, priced_ms in priced:
-            print(f"dp{dp} tp{tp} zero{zero}: measured {measured_ms:.1f} ms a block, priced {priced_ms:.1f} ms",
-                  flush=True)
-            out.append({"tp": tp, "dp": dp, "zero": zero, "per_block_s": measured_ms / 1e3,
+        for tp, dp, zero, tokens, measured_ms, priced_ms in priced:
+            print(f"dp{dp} tp{tp} zero{zero} {tokens} tokens: measured {measured_ms:.1f} ms a block, "
+                  f"priced {priced_ms:.1f} ms", flush=True)
+            out.append({"tp": tp, "dp": dp, "zero": zero, "tokens": tokens, "per_block_s": measured_ms / 1e3,
                         "predicted_per_block_s": priced_ms / 1e3})
         if args.json:
             Path(args.json).write_text(json.dumps({"benchmark": "layout_fixed_costs", "model": arch.name,

@@ -282,15 +282,39 @@ def test_layout_fixed_costs_round_trip_compose_and_are_priced_per_block():
                                         [1, 4, 3, 15.0, 9.0]]
     cluster = cluster_from_dict(json.loads(json.dumps(data)), name="fixed")
     again = cluster_from_dict(json.loads(json.dumps(cluster_to_dict(cluster))), name="again")
-    assert [r[:3] for r in again.measured_layout_fixed] == [(1, 4, 0), (2, 2, 0), (4, 1, 0), (1, 4, 3)]
-    assert [v for r in again.measured_layout_fixed for v in r[3:]] == pytest.approx(
-        [v for r in cluster.measured_layout_fixed for v in r[3:]])
-    assert cluster.block_fixed_s(1, 1, 0) == 0.0 and PRESETS["a100-80gb"].block_fixed_s(4, 2, 3) == 0.0
-    assert cluster.block_fixed_s(1, 4, 0) == pytest.approx(2e-3)
-    assert cluster.block_fixed_s(2, 2, 0) == pytest.approx(35e-3)
-    assert cluster.block_fixed_s(4, 1, 0) == pytest.approx(45e-3)
-    assert cluster.block_fixed_s(2, 2, 3) == pytest.approx(35e-3 + (6e-3 - 2e-3))  # + ZeRO 3's excess
-    assert cluster.block_fixed_s(8, 1, 0) == pytest.approx(45e-3)  # the nearest degree measured
+    # rows of a file calibrated before the tokens column: one 8-token sequence, the same at every count
+    assert [r[:4] for r in again.measured_layout_fixed] == [(1, 4, 0, 8), (2, 2, 0, 8), (4, 1, 0, 8), (1, 4, 3, 8)]
+    assert [v for r in again.measured_layout_fixed for v in r[4:]] == pytest.approx(
+        [v for r in cluster.measured_layout_fixed for v in r[4:]])
+    assert cluster.block_fixed_s(1, 1, 0, 256) == 0.0 and PRESETS["a100-80gb"].block_fixed_s(4, 2, 3, 256) == 0.0
+    assert cluster.block_fixed_s(1, 4, 0, 256) == pytest.approx(2e-3)
+    assert cluster.block_fixed_s(2, 2, 0, 8) == cluster.block_fixed_s(2, 2, 0, 4096) == pytest.approx(35e-3)
+    assert cluster.block_fixed_s(4, 1, 0, 256) == pytest.approx(45e-3)
+    assert cluster.block_fixed_s(2, 2, 3, 256) == pytest.approx(35e-3 + (6e-3 - 2e-3))  # + ZeRO 3's excess
+    assert cluster.block_fixed_s(8, 1, 0, 256) == pytest.approx(45e-3)  # the nearest degree measured
+
+    # two token counts a layout: a line from the smallest count, growing up to the largest by its slope less
+    # the reference layout's (tp 1, ZeRO 0: the tiny model's own unpriced compute), never falling, flat
+    # beyond; the ZeRO excess is the difference of two lines
+    lines = json.loads(json.dumps(data))
+    lines["measured"]["layout_fixed"] = [[2, 2, 0, 8, 40.0, 5.0], [2, 2, 0, 512, 75.0, 8.0],
+                                         [1, 4, 0, 8, 7.0, 5.0], [1, 4, 0, 512, 9.0, 5.0],
+                                         [1, 4, 3, 8, 15.0, 9.0], [1, 4, 3, 512, 30.0, 9.0],
+                                         [4, 1, 0, 8, 60.0, 15.0], [4, 1, 0, 512, 50.0, 15.0]]
+    lined = cluster_from_dict(lines, name="lines")
+    written = cluster_to_dict(lined)["measured"]["layout_fixed"]
+    assert [r[:4] for r in written] == [r[:4] for r in lines["measured"]["layout_fixed"]]
+    assert [v for r in written for v in r[4:]] == pytest.approx(
+        [v for r in lines["measured"]["layout_fixed"] for v in r[4:]])
+    reference = (4e-3 - 2e-3) / 504
+    growth = (67e-3 - 35e-3) / 504 - reference
+    assert lined.block_fixed_s(2, 2, 0, 4) == lined.block_fixed_s(2, 2, 0, 8) == pytest.approx(35e-3)
+    assert lined.block_fixed_s(2, 2, 0, 260) == pytest.approx(35e-3 + 252 * growth)
+    assert lined.block_fixed_s(2, 2, 0, 2048) == pytest.approx(35e-3 + 504 * growth)  # flat past 512
+    assert lined.block_fixed_s(1, 4, 0, 2048) == pytest.approx(2e-3)  # the reference: flat
+    assert lined.block_fixed_s(4, 1, 0, 2048) == pytest.approx(45e-3)  # falling: never below its 8 tokens
+    # tp 1's ZeRO 0 line plus ZeRO 3's excess over it: 6 ms, grown by 15 ms less 2 ms over 504 tokens
+    assert lined.block_fixed_s(1, 4, 3, 2048) == pytest.approx(6e-3 + 13e-3)
 
     arch = arch_from_dict("tiny-gpt", {"model_type": "gpt2", "n_embd": 128, "n_layer": 4, "n_head": 4,
                                        "vocab_size": 1024, "n_positions": 128})
@@ -451,9 +475,9 @@ def test_a_layout_fixed_cost_measured_below_zero_is_written_as_zero():
     row = {"tp": 1, "dp": 1, "zero": 0, "blocks": list(FIXED_BLOCKS), "seconds": [0.0105, 0.0098],
            "configs": configs, "plans": plans}
     (written,) = price_layout_fixed([row], data)
-    assert written[:4] == [1, 1, 0, 0.0] and written[4] >= 0
+    assert written[:5] == [1, 1, 0, FIXED_SEQ, 0.0] and written[5] >= 0
     data["measured"]["layout_fixed"] = [written]
-    assert cluster_from_dict(data, name="again").measured_layout_fixed[0][3] == 0.0
+    assert cluster_from_dict(data, name="again").measured_layout_fixed[0][4] == 0.0
 
 
 def _tiny_pipeline_plans(cluster, config: dict, pp: int, microbatches: tuple[int, ...]) -> list[dict]:

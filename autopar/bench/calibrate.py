@@ -119,10 +119,12 @@ def cluster_json(raw: dict, command: str) -> dict:
 
 
 def price_layout_fixed(rows: list[dict], data: dict) -> list[list[float]]:
-    """``[tp, dp, zero, measured ms, priced ms]`` per block of the tiny models the worker timed
-    (autopar.bench.primitives.layout_fixed_rows): the two models' difference over their blocks, measured and
-    as the cost model prices it on the cluster just measured (its kernels, collectives and sharing), so that
-    measured - priced is what no other term counts."""
+    """``[tp, dp, zero, tokens, measured ms, priced ms]`` per block of the tiny models the worker timed
+    (autopar.bench.primitives.layout_fixed_rows, one row per layout and token count): the two models'
+    difference over their blocks, measured and as the cost model prices it on the cluster just measured (its
+    kernels, collectives and sharing), so that measured - priced is what no other term counts."""
+    from autopar.bench.primitives import FIXED_SEQ
+
     cluster = cluster_from_dict(json.loads(json.dumps(data)), name="calibrating")
     out = []
     for r in rows:
@@ -130,7 +132,7 @@ def price_layout_fixed(rows: list[dict], data: dict) -> list[list[float]]:
         p1, p3 = (_priced_step_s(config, plan, cluster) for config, plan in zip(r["configs"], r["plans"]))
         # Both are differences of two timings: on a busy machine the measured one can come out below zero,
         # which no block takes (and the cluster reader refuses): 0, the same floor as the priced one.
-        out.append([r["tp"], r["dp"], r["zero"], max(0.0, s3 - s1) / (n3 - n1) * 1e3,
+        out.append([r["tp"], r["dp"], r["zero"], r.get("tokens", FIXED_SEQ), max(0.0, s3 - s1) / (n3 - n1) * 1e3,
                     max(0.0, p3 - p1) / (n3 - n1) * 1e3])
     return out
 

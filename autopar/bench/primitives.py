@@ -520,7 +520,14 @@ def comm_overlap(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
 
 
 FIXED_SEQ = 8
-"""Tokens of the micro-batch :func:`layout_fixed_rows` times: one short sequence, compute next to nothing."""
+"""Tokens of the micro-batch the tiny runs time: one short sequence, compute next to nothing."""
+FIXED_TOKENS = (FIXED_SEQ, 512)
+"""Tokens of the one-sequence micro-batches :func:`layout_fixed_rows` times per layout: what a block pays
+beyond its priced kernels and collectives grows with the tokens it carries under tensor parallelism
+(DTensor's redistributions and gloo's copies move activations). On 4 gloo ranks sharing 2 cores the excess
+a block came to 33 / 51 / 62 ms at tp 2 and 57 / 60 / 75 ms at tp 4 for 8 / 128 / 512 tokens in one standalone
+run (2026-12-01). Two counts give a line (``ClusterSpec.block_fixed_s``: flat past the largest, as the tiny
+model's growth is not a real model's), where the cost model's plans carry hundreds to thousands of tokens."""
 FIXED_BLOCKS = (1, 3)
 """Blocks of the two tiny models whose difference is two blocks' fixed cost (embedding, head and loss
 cancel)."""
@@ -539,21 +546,22 @@ def tiny_config(raw: dict, tp: int, layers: int) -> dict:
     n_heads = 2 * tp
     grouped = kv is not None and raw.get(kv) not in (None, raw.get(heads))
     raw.update({hidden: 8 * n_heads, heads: n_heads, ffn: 32 * n_heads, depth: layers, "vocab_size": 64 * tp,
-                positions: 64})
+                positions: max(64, *FIXED_TOKENS)})
     if kv is not None:
         raw.update({kv: tp if grouped else n_heads, "head_dim": 8})
     return raw
 
 
-def _timed_tiny_step(config: dict, rows: int, device: torch.device, sample_s: float, **pins) -> tuple[float, dict]:
-    """(seconds, plan dict) of one forward and backward of ``rows`` ``FIXED_SEQ``-token sequences, micro-batches
+def _timed_tiny_step(config: dict, rows: int, device: torch.device, sample_s: float, seq: int = FIXED_SEQ,
+                     **pins) -> tuple[float, dict]:
+    """(seconds, plan dict) of one forward and backward of ``rows`` ``seq``-token sequences, micro-batches
     of one, through the tiny model ``config`` built under autopar's one line with ``pins``, every rank at once
     (the slowest rank's median; the optimizer is not run)."""
     import transformers
 
     import autopar
 
-    autopar.enable_advanced_parallelization(global_batch_size=rows, seq_len=FIXED_SEQ, micro_batch_size=1,
+    autopar.enable_advanced_parallelization(global_batch_size=rows, seq_len=seq, micro_batch_size=1,
                                             log_every=0, check_batch=False, **pins)
     try:
         torch.manual_seed(0)
@@ -564,7 +572,7 @@ def _timed_tiny_step(config: dict, rows: int, device: torch.device, sample_s: fl
     finally:
         autopar.disable_advanced_parallelization()
     vocab = 64 * pins.get("tp", 1)  # tiny_config's vocabulary: 64 a TP rank
-    ids = torch.randint(0, vocab, (rows, FIXED_SEQ), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(0, vocab, (rows, seq), generator=torch.Generator().manual_seed(0)).to(device)
 
     def step() -> None:
         model(ids, labels=ids, use_cache=False)[0].backward()
@@ -576,25 +584,28 @@ def _timed_tiny_step(config: dict, rows: int, device: torch.device, sample_s: fl
 def layout_fixed_rows(raw: dict, layouts: list[tuple[int, int, int]], device: torch.device) -> list[dict]:
     """The fixed cost of one block per micro-batch under each (tp, dp, zero) layout, every rank at once:
     the tiny model of ``raw``'s family (:func:`tiny_config`) with 1 and with 3 blocks, built under autopar's
-    one line with the layout pinned, one micro-batch of one ``FIXED_SEQ``-token sequence forward and backward
-    between barriers (the slowest rank's median; the optimizer is not run). What the compute kernels and
-    collectives' bytes do not explain is the per-op dispatch (DTensor), redistribution and wrapper hooks a
-    real block pays the same (autopar.calibrate prices the tiny models to keep only that part)."""
+    one line with the layout pinned, one micro-batch of one sequence of each :data:`FIXED_TOKENS` count
+    forward and backward between barriers (the slowest rank's median; the optimizer is not run). What the
+    compute kernels and collectives' bytes do not explain is the per-op dispatch (DTensor), redistribution
+    and wrapper hooks a real block pays the same, and what of it grows with the tokens (autopar.calibrate
+    prices the tiny models to keep only that part). One row per layout and token count."""
     from autopar.families import family_spec
 
     rows = []
     for tp, dp, zero in layouts:
         if tp > 1 and not family_spec(raw["model_type"]).splittable:
             continue  # a family without tensor parallelism: no TP rows (the same on every rank)
-        seconds, plans, configs = [], [], []
-        for layers in FIXED_BLOCKS:
-            config = tiny_config(raw, tp, layers)
-            taken, plan = _timed_tiny_step(config, dp, device, SAMPLE_S, tp=tp, dp=dp, pp=1, zero_stage=zero)
-            seconds.append(taken)
-            plans.append(plan)
-            configs.append(config)
-        rows.append({"tp": tp, "dp": dp, "zero": zero, "seconds": seconds, "blocks": list(FIXED_BLOCKS),
-                     "configs": configs, "plans": plans})
+        for tokens in FIXED_TOKENS:
+            seconds, plans, configs = [], [], []
+            for layers in FIXED_BLOCKS:
+                config = tiny_config(raw, tp, layers)
+                taken, plan = _timed_tiny_step(config, dp, device, SAMPLE_S, seq=tokens, tp=tp, dp=dp, pp=1,
+                                               zero_stage=zero)
+                seconds.append(taken)
+                plans.append(plan)
+                configs.append(config)
+            rows.append({"tp": tp, "dp": dp, "zero": zero, "tokens": tokens, "seconds": seconds,
+                         "blocks": list(FIXED_BLOCKS), "configs": configs, "plans": plans})
     return rows
 
 

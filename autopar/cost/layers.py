@@ -94,6 +94,9 @@ class LayerCost:
     tied_to: str | None
     micro_batch_size: int | None = None
     """The micro-batch the times are for (None: a bound no micro-batch beats)."""
+    seq_len: int = 0
+    """Tokens a sequence (the profile's): a micro-batch's tokens price what grows with them per block
+    (``ClusterSpec.block_fixed_s``)."""
 
 
 def _compute_s(layer, device, tp: int, sp: bool, recompute: Recompute, opts: CostOptions,
@@ -155,6 +158,7 @@ def layer_costs(profile: ModelProfile, cluster: ClusterSpec, *, tp: int, sequenc
                 tp_collectives=collectives, params=layer.params.at(tp), act_bytes=act, work_bytes=work,
                 call_act_bytes=layer.call_saved_bytes, tensors=layer.param_tensors,
                 output_bytes=layer.output_bytes, tied_to=layer.tied_to, micro_batch_size=micro_batch_size,
+                seq_len=profile.seq_len,
             ))
     return out
 

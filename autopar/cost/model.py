@@ -246,7 +246,8 @@ def _chunk_fwd_bwd(layer_list: list[LayerCost], plan: Plan, cluster: ClusterSpec
     # device]). A layout without a pipeline keeps every rank busy: its step is the sharing bound's, as when
     # the block's cost was counted at the shared rate.
     blocks = sum(1 for x in layer_list if x.kind is LayerKind.BLOCK)
-    fixed = blocks * cluster.block_fixed_s(plan.tp, plan.dp, plan.zero_stage)
+    tokens = b * max((x.seq_len for x in layer_list), default=0)
+    fixed = blocks * cluster.block_fixed_s(plan.tp, plan.dp, plan.zero_stage, tokens)
     if plan.pp > 1:
         fixed += cluster.pipeline_fixed_s(plan.pp)
     if fixed:
