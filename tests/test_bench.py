@@ -454,6 +454,41 @@ def test_on_a_calibrated_cpu_the_bounds_hold_and_the_pruned_search_finds_the_fas
     assert found.candidate == best.candidate
 
 
+def test_zero_0_in_replicate_is_priced_at_the_fsdp2_hooks_row_not_ddps():
+    """Calibrate times tp 1 ZeRO 0 as it runs there, in DDP; a plan whose ZeRO 0 runs in replicate (under a
+    pipeline, or casting to bf16) pays FSDP2's hooks, so its blocks are priced at the ZeRO 2 row."""
+    from autopar.cluster import cluster_from_dict, cluster_to_dict
+    from autopar.cost.model import _fixed_cost_zero_stage, estimate
+    from autopar.plan.types import Plan, Precision, Schedule, StagePlan
+    from autopar.profile.analytic import profile_analytic
+    from autopar.profile.config import arch_from_dict
+    from autopar.profile.types import Recompute
+
+    arch = arch_from_dict("tiny-gpt", {"model_type": "gpt2", "n_embd": 128, "n_layer": 4, "n_head": 4,
+                                       "vocab_size": 1024, "n_positions": 128})
+    profile = profile_analytic(arch, seq_len=128, dtype_bytes=4, device_type="cpu")
+    names = tuple(n for n, _ in profile.flat_layers())
+    ddp = Plan(dp=4, tp=1, pp=1, micro_batch_size=2, num_microbatches=1, schedule=Schedule.ONE_F_ONE_B,
+               virtual_stages=1, recompute=Recompute.NONE, zero_stage=0, sequence_parallel=False,
+               stages=(StagePlan(index=0, layers=names),), global_batch_size=8, seq_len=128,
+               precision=Precision.FP32)
+    piped = replace(ddp, dp=2, pp=2, num_microbatches=2, stages=(StagePlan(index=0, layers=names[:3]),
+                                                                 StagePlan(index=1, layers=names[3:])))
+    assert _fixed_cost_zero_stage(ddp) == 0 and _fixed_cost_zero_stage(piped) == 2
+    assert _fixed_cost_zero_stage(replace(ddp, precision=Precision.BF16_MIXED)) == 2
+    assert _fixed_cost_zero_stage(replace(ddp, dp=2, tp=2, num_microbatches=2)) == 0  # its TP row: replicate
+    assert _fixed_cost_zero_stage(replace(ddp, zero_stage=3)) == 3
+    assert _fixed_cost_zero_stage(replace(piped, dp=1, global_batch_size=4)) == 0  # no wrapper
+
+    data = cluster_to_dict(_calibrated_cpu())
+    data["measured"]["layout_fixed"] = [[1, 4, 0, 8, 3.0, 1.0], [1, 4, 2, 8, 12.0, 2.0]]
+    cheap = cluster_from_dict(json.loads(json.dumps(data)), name="cheap")
+    data["measured"]["layout_fixed"][1] = [1, 4, 2, 8, 22.0, 2.0]  # FSDP2's hooks 10 ms dearer a block
+    dear = cluster_from_dict(data, name="dear")
+    assert estimate(profile, dear, ddp).step_time_s == estimate(profile, cheap, ddp).step_time_s
+    assert estimate(profile, dear, piped).step_time_s > estimate(profile, cheap, piped).step_time_s
+
+
 def test_a_layout_fixed_cost_measured_below_zero_is_written_as_zero():
     """The measured fixed cost per block is the difference of two timings (3 blocks less 1): on a busy
     machine it came out at -0.34 ms once, which the cluster reader refuses; calibrate writes 0."""

@@ -24,10 +24,13 @@ from autopar.cost import constants as C
 from autopar.cost.layers import CostOptions, LayerCost, collective_s, layer_costs, send_s
 from autopar.errors import AutoparError
 from autopar.cost.data_parallel import (
+    Wrapper,
     dp_bytes_per_param,
     dp_copy_bytes,
     dp_exposed_s,
     dp_layer_bytes_per_param,
+    dp_wrapper,
+    executed_zero_stage,
     optimizer_step_s,
 )
 from autopar.plan.types import Plan, Schedule
@@ -221,6 +224,17 @@ class _Device:
     tensors: float = 0.0  # parameter tensors
 
 
+def _fixed_cost_zero_stage(plan: Plan) -> int:
+    """The ZeRO stage whose measured fixed cost per block prices ``plan``'s data-parallel wrapper
+    (``ClusterSpec.block_fixed_s``). Calibrate times tp 1 at ZeRO 0 as it runs there, in torch's DDP; where
+    a plan's ZeRO 0 runs in ``replicate`` instead (under a pipeline, or casting to bf16), its blocks pay
+    ``replicate``'s hooks, which are FSDP2's (autopar.execute.compat.replicate): the ZeRO 2 row's, the same
+    hooks around a gradient reduction with the parameters kept whole."""
+    if plan.tp == 1 and executed_zero_stage(plan) == 0 and dp_wrapper(plan) is Wrapper.REPLICATE:
+        return 2
+    return plan.zero_stage
+
+
 def _chunk_fwd_bwd(layer_list: list[LayerCost], plan: Plan, cluster: ClusterSpec, opts: CostOptions,
                    tp_inter: bool) -> tuple[float, float, float]:
     """(forward s, backward s, of which TP s) of one micro-batch on one chunk.
@@ -247,7 +261,7 @@ def _chunk_fwd_bwd(layer_list: list[LayerCost], plan: Plan, cluster: ClusterSpec
     # the block's cost was counted at the shared rate.
     blocks = sum(1 for x in layer_list if x.kind is LayerKind.BLOCK)
     tokens = b * max((x.seq_len for x in layer_list), default=0)
-    fixed = blocks * cluster.block_fixed_s(plan.tp, plan.dp, plan.zero_stage, tokens)
+    fixed = blocks * cluster.block_fixed_s(plan.tp, plan.dp, _fixed_cost_zero_stage(plan), tokens)
     if plan.pp > 1:
         fixed += cluster.pipeline_fixed_s(plan.pp)
     if fixed:
