@@ -265,16 +265,30 @@ def test_the_cost_model_prices_a_calibrated_cluster_by_its_measurements():
             assert cost.step_time_s >= 2.2 * busy and cost.extras["sharing_s"] > 0
 
 
+def _tiny_gpt_plan(**layout):
+    """(profile, plan) of a 4-block GPT-2 of width 128 at 128 tokens, fp32 on CPU, one stage, micro-batches
+    of 2 and a global batch of 8, with ``layout``'s dp, tp, micro-batch count and sequence parallelism."""
+    from autopar.plan.types import Plan, Precision, Schedule, StagePlan
+    from autopar.profile.analytic import profile_analytic
+    from autopar.profile.config import arch_from_dict
+    from autopar.profile.types import Recompute
+
+    arch = arch_from_dict("tiny-gpt", {"model_type": "gpt2", "n_embd": 128, "n_layer": 4, "n_head": 4,
+                                       "vocab_size": 1024, "n_positions": 128})
+    profile = profile_analytic(arch, seq_len=128, dtype_bytes=4, device_type="cpu")
+    names = tuple(n for n, _ in profile.flat_layers())
+    return profile, Plan(pp=1, micro_batch_size=2, schedule=Schedule.ONE_F_ONE_B, virtual_stages=1,
+                         recompute=Recompute.NONE, zero_stage=0, stages=(StagePlan(index=0, layers=names),),
+                         global_batch_size=8, seq_len=128, precision=Precision.FP32, **layout)
+
+
 def test_layout_fixed_costs_round_trip_compose_and_are_priced_per_block():
     """The per-block fixed cost calibrate measures per layout is read back, composed for any plan (the TP
     degree's row plus the ZeRO stage's excess), added once per block per micro-batch, and absent from
     presets; a bad row is refused naming the fix."""
     from autopar.cluster import PRESETS, cluster_from_dict, cluster_to_dict
     from autopar.cost.model import estimate
-    from autopar.plan.types import Plan, Precision, Schedule, StagePlan
-    from autopar.profile.analytic import profile_analytic
-    from autopar.profile.config import arch_from_dict
-    from autopar.profile.types import Recompute
+    from autopar.plan.types import Schedule, StagePlan
 
     base = _calibrated_cpu()
     data = cluster_to_dict(base)
@@ -316,14 +330,8 @@ def test_layout_fixed_costs_round_trip_compose_and_are_priced_per_block():
     # tp 1's ZeRO 0 line plus ZeRO 3's excess over it: 6 ms, grown by 15 ms less 2 ms over 504 tokens
     assert lined.block_fixed_s(1, 4, 3, 2048) == pytest.approx(6e-3 + 13e-3)
 
-    arch = arch_from_dict("tiny-gpt", {"model_type": "gpt2", "n_embd": 128, "n_layer": 4, "n_head": 4,
-                                       "vocab_size": 1024, "n_positions": 128})
-    profile = profile_analytic(arch, seq_len=128, dtype_bytes=4, device_type="cpu")
-    names = tuple(n for n, _ in profile.flat_layers())
-    plan = Plan(dp=2, tp=2, pp=1, micro_batch_size=2, num_microbatches=2, schedule=Schedule.ONE_F_ONE_B,
-                virtual_stages=1, recompute=Recompute.NONE, zero_stage=0, sequence_parallel=True,
-                stages=(StagePlan(index=0, layers=names),), global_batch_size=8, seq_len=128,
-                precision=Precision.FP32)
+    profile, plan = _tiny_gpt_plan(dp=2, tp=2, num_microbatches=2, sequence_parallel=True)
+    names = plan.stages[0].layers
     without, with_fixed = estimate(profile, base, plan), estimate(profile, cluster, plan)
     # 4 blocks x 2 micro-batches x 35 ms: host work measured with every rank busy, as every rank is here
     assert with_fixed.step_time_s - without.step_time_s == pytest.approx(4 * 2 * 35e-3, rel=1e-6)
@@ -459,19 +467,10 @@ def test_zero_0_in_replicate_is_priced_at_the_fsdp2_hooks_row_not_ddps():
     pipeline, or casting to bf16) pays FSDP2's hooks, so its blocks are priced at the ZeRO 2 row."""
     from autopar.cluster import cluster_from_dict, cluster_to_dict
     from autopar.cost.model import _fixed_cost_zero_stage, estimate
-    from autopar.plan.types import Plan, Precision, Schedule, StagePlan
-    from autopar.profile.analytic import profile_analytic
-    from autopar.profile.config import arch_from_dict
-    from autopar.profile.types import Recompute
+    from autopar.plan.types import Precision, StagePlan
 
-    arch = arch_from_dict("tiny-gpt", {"model_type": "gpt2", "n_embd": 128, "n_layer": 4, "n_head": 4,
-                                       "vocab_size": 1024, "n_positions": 128})
-    profile = profile_analytic(arch, seq_len=128, dtype_bytes=4, device_type="cpu")
-    names = tuple(n for n, _ in profile.flat_layers())
-    ddp = Plan(dp=4, tp=1, pp=1, micro_batch_size=2, num_microbatches=1, schedule=Schedule.ONE_F_ONE_B,
-               virtual_stages=1, recompute=Recompute.NONE, zero_stage=0, sequence_parallel=False,
-               stages=(StagePlan(index=0, layers=names),), global_batch_size=8, seq_len=128,
-               precision=Precision.FP32)
+    profile, ddp = _tiny_gpt_plan(dp=4, tp=1, num_microbatches=1, sequence_parallel=False)
+    names = ddp.stages[0].layers
     piped = replace(ddp, dp=2, pp=2, num_microbatches=2, stages=(StagePlan(index=0, layers=names[:3]),
                                                                  StagePlan(index=1, layers=names[3:])))
     assert _fixed_cost_zero_stage(ddp) == 0 and _fixed_cost_zero_stage(piped) == 2
