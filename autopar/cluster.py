@@ -155,6 +155,13 @@ class ClusterSpec:
     (``autopar calibrate``; docs/clusters.md#measured): measured minus priced is the cost a block pays under
     the layout that no other term counts (DTensor's per-op dispatch, redistributions, FSDP2 / replicate
     hooks); :meth:`block_fixed_s` composes any plan's from them."""
+    measured_rest_fixed: tuple[tuple[int, int, int, int, float, float], ...] = ()
+    """(tp, dp, ZeRO stage, tokens, measured s, priced s) of the same tiny 1-block model outside its block
+    (its time less one block's: the embedding, LM head, loss and the step's own calls) per micro-batch of
+    ``tokens`` under that layout (``autopar calibrate``; docs/clusters.md#measured): measured minus priced is
+    what the model's ends pay under the layout that no other term counts (DTensor's dispatch of the
+    vocabulary-parallel embedding and ``loss_parallel``'s unfused ops, the wrappers' root hooks);
+    :meth:`rest_fixed_s` composes any plan's from them."""
     measured_pipeline_fixed: tuple[tuple[int, float, float], ...] = ()
     """(pp, measured s, priced s) of what one more micro-batch adds to a 1F1B step of a tiny model of
     negligible compute, one block per pipeline rank, pp pipeline ranks, every rank at once (``autopar
@@ -209,23 +216,14 @@ class ClusterSpec:
 
     def block_fixed_s(self, tp: int, dp: int, zero_stage: int, tokens: int) -> float:
         """Unpriced seconds of one block's forward and backward per micro-batch of ``tokens`` under (tp, dp,
-        ZeRO stage), from ``measured_layout_fixed`` (0 without it): the TP degree's line at ZeRO 0 (the
-        nearest degree measured), plus, with data parallelism, the ZeRO stage's line's excess over ZeRO 0's
-        at tp 1. A line is its rows' excess (measured - priced, at least 0) at the smallest token count
-        measured, growing up to the largest by its slope less the reference layout's (tp 1, ZeRO 0), at
-        least 0, flat beyond (:func:`_tokens_line`)."""
-        if not self.measured_layout_fixed or (tp == 1 and dp == 1):
-            return 0.0
-        lines: dict[tuple[int, int], list[tuple[int, float]]] = {}
-        for t, _, z, n, m, p in self.measured_layout_fixed:
-            lines.setdefault((t, z), []).append((n, max(0.0, m - p)))
-        reference = _slope(lines.get((1, 0), []))
-        degrees = [t for t, z in lines if z == 0]
-        base = _tokens_line(lines[(_nearest_degree(degrees, tp), 0)], tokens, reference) if degrees else 0.0
-        if dp > 1 and zero_stage and (1, zero_stage) in lines and (1, 0) in lines:
-            base += max(0.0, _tokens_line(lines[(1, zero_stage)], tokens, reference)
-                        - _tokens_line(lines[(1, 0)], tokens, reference))
-        return base
+        ZeRO stage), from ``measured_layout_fixed`` (0 without it; :func:`_layout_line_s`)."""
+        return _layout_line_s(self.measured_layout_fixed, tp, dp, zero_stage, tokens)
+
+    def rest_fixed_s(self, tp: int, dp: int, zero_stage: int, tokens: int) -> float:
+        """Unpriced seconds of the model outside its blocks (embedding, LM head, loss, the step's own calls),
+        forward and backward, per micro-batch of ``tokens`` under (tp, dp, ZeRO stage), from
+        ``measured_rest_fixed`` (0 without it; :func:`_layout_line_s`)."""
+        return _layout_line_s(self.measured_rest_fixed, tp, dp, zero_stage, tokens)
 
     def pipeline_fixed_s(self, pp: int) -> float:
         """Unpriced fixed seconds of one chunk's forward and backward of one micro-batch under a pipeline of
@@ -425,10 +423,11 @@ def _measured_row(row, path: str, columns: tuple[str, ...], where: str, peak_tfl
 def measured_kernels_to_dict(device: DeviceSpec, source: str) -> dict:
     """The ``device.measured`` object for ``device``'s tables (what :func:`measured_kernels_from_dict` reads):
     what ``autopar explain --measure`` and ``autopar calibrate`` write into a cluster JSON."""
+    # unrounded: on a CPU (0.1 TFLOP/s) three decimals moved a rate by 1% and could lift the fastest above
+    # the unrounded peak_tflops, which the reader then refused
     return {"source": source,
-            "matmul": [[m, k, n, round(r / 1e12, 3)] for m, k, n, r in device.measured_matmul],
-            "attention": [[s, d, *([bh] if bh else []), round(r / 1e12, 3)]
-                          for s, d, bh, r in device.measured_attention]}
+            "matmul": [[m, k, n, r / 1e12] for m, k, n, r in device.measured_matmul],
+            "attention": [[s, d, *([bh] if bh else []), r / 1e12] for s, d, bh, r in device.measured_attention]}
 
 
 MEASURED_FORMAT_VERSION = 1
@@ -469,6 +468,9 @@ def measured_links_from_dict(data, where: str) -> dict:
     fixed = tuple(_fixed_cost_row(_with_tokens(r), f"measured.layout_fixed[{i}]", where,
                                   {"tp": 1, "dp": 1, "zero_stage": 0, "tokens": 1})
                   for i, r in enumerate(data.get("layout_fixed") or []))
+    rest_fixed = tuple(_fixed_cost_row(r, f"measured.rest_fixed[{i}]", where,
+                                       {"tp": 1, "dp": 1, "zero_stage": 0, "tokens": 1})
+                       for i, r in enumerate(data.get("rest_fixed") or []))
     pipeline_fixed = tuple(_fixed_cost_row(r, f"measured.pipeline_fixed[{i}]", where, {"pp": 2})
                            for i, r in enumerate(data.get("pipeline_fixed") or []))
     calibration = data.get("calibration", "measured")
@@ -476,8 +478,31 @@ def measured_links_from_dict(data, where: str) -> dict:
         raise AutoparError(f"{where}: measured.calibration={show(calibration)} must be a string (where and when)")
     return {"measured_collectives": colls, "measured_p2p": p2p, **sharing,
             "measured_overheads_s": tuple(sorted((str(k), v * 1e-6) for k, v in overheads.items())),
-            "measured_layout_fixed": fixed, "measured_pipeline_fixed": pipeline_fixed,
+            "measured_layout_fixed": fixed, "measured_rest_fixed": rest_fixed,
+            "measured_pipeline_fixed": pipeline_fixed,
             "calibration": calibration}
+
+
+def _layout_line_s(rows: tuple[tuple[int, int, int, int, float, float], ...], tp: int, dp: int, zero_stage: int,
+                   tokens: int) -> float:
+    """A plan's unpriced seconds per micro-batch of ``tokens`` from ``rows`` of (tp, dp, ZeRO stage, tokens,
+    measured s, priced s) (``measured_layout_fixed`` or ``measured_rest_fixed``; 0 without rows or without
+    parallelism): the TP degree's line at ZeRO 0 (the nearest degree measured), plus, with data
+    parallelism, the ZeRO stage's line's excess over ZeRO 0's at tp 1. A line is its rows' excess
+    (measured - priced, at least 0) at the smallest token count measured, growing up to the largest by its
+    slope less the reference layout's (tp 1, ZeRO 0), at least 0, flat beyond (:func:`_tokens_line`)."""
+    if not rows or (tp == 1 and dp == 1):
+        return 0.0
+    lines: dict[tuple[int, int], list[tuple[int, float]]] = {}
+    for t, _, z, n, m, p in rows:
+        lines.setdefault((t, z), []).append((n, max(0.0, m - p)))
+    reference = _slope(lines.get((1, 0), []))
+    degrees = [t for t, z in lines if z == 0]
+    base = _tokens_line(lines[(_nearest_degree(degrees, tp), 0)], tokens, reference) if degrees else 0.0
+    if dp > 1 and zero_stage and (1, zero_stage) in lines and (1, 0) in lines:
+        base += max(0.0, _tokens_line(lines[(1, zero_stage)], tokens, reference)
+                    - _tokens_line(lines[(1, 0)], tokens, reference))
+    return base
 
 
 def _slope(points: list[tuple[int, float]]) -> float:
@@ -489,7 +514,7 @@ def _slope(points: list[tuple[int, float]]) -> float:
 
 
 def _tokens_line(points: list[tuple[int, float]], tokens: int, reference_slope: float) -> float:
-    """A layout's unpriced cost a block at ``tokens`` ([``ClusterSpec.block_fixed_s``]): its value at the
+    """A layout's unpriced cost at ``tokens`` (:func:`_layout_line_s`): its value at the
     smallest count measured, plus, up to the largest, its growth per token beyond the reference layout's
     (tp 1, ZeRO 0: data parallelism adds nothing that scales with a block's tokens, so its growth is the
     tiny model's own compute left unpriced, which every layout's timing holds alike), never negative: what
@@ -561,6 +586,7 @@ def measured_links_to_dict(cluster: ClusterSpec) -> dict | None:
             "p2p": [[inter, lat * 1e6, bw / 1e9] for inter, lat, bw in cluster.measured_p2p],
             "overheads_us": {k: v * 1e6 for k, v in cluster.measured_overheads_s},
             "layout_fixed": [[t, d, z, n, m * 1e3, p * 1e3] for t, d, z, n, m, p in cluster.measured_layout_fixed],
+            "rest_fixed": [[t, d, z, n, m * 1e3, p * 1e3] for t, d, z, n, m, p in cluster.measured_rest_fixed],
             "pipeline_fixed": [[pp, m * 1e3, p * 1e3] for pp, m, p in cluster.measured_pipeline_fixed]}
 
 

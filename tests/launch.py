@@ -18,7 +18,11 @@ def free_port() -> int:
 
 
 def worker_env(**extra: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # PYTHONFAULTHANDLER: a rank that aborts (SIGABRT from C++, e.g. "terminate called without an active
+    # exception", seen once in CI on 2026-12-01 in the habits test and not reproduced in 15 runs) prints every
+    # thread's Python stack, so the next such failure says where it happened.
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONFAULTHANDLER="1")
     env.update(extra)
     return env
 

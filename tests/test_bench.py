@@ -514,6 +514,64 @@ def test_a_layout_fixed_cost_measured_below_zero_is_written_as_zero():
     assert cluster_from_dict(data, name="again").measured_layout_fixed[0][4] == 0.0
 
 
+def test_the_model_outside_its_blocks_is_priced_from_the_smaller_tiny_model_once_on_the_heads_chunk():
+    """calibrate's rest_fixed: the 1-block tiny model's time less one block's (3 blocks less 1, over 2), as
+    measured and as priced, floored at 0; read back and composed like a block's line; added once per
+    micro-batch to the chunk that holds the LM head (every rank busy: in full; a pipeline's last stage alone:
+    at the alone rate), and absent from presets."""
+    from autopar.bench.calibrate import cluster_json, price_rest_fixed
+    from autopar.bench.primitives import FIXED_BLOCKS, FIXED_SEQ, tiny_config
+    from autopar.cluster import PRESETS, cluster_from_dict, cluster_to_dict
+    from autopar.cost.model import estimate
+    from autopar.plan.search import search
+    from autopar.plan.types import Pins, Schedule, StagePlan
+    from autopar.profile.analytic import profile_analytic
+    from autopar.profile.config import arch_from_dict
+
+    data = cluster_json(_raw_calibration(), "test")
+    assert data["measured"]["rest_fixed"] == []  # a record without the tiny runs: none
+    cluster = cluster_from_dict(json.loads(json.dumps(data)), name="c").with_gpus(1)
+    raw = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 256, "n_positions": 64}
+    configs = [tiny_config(raw, 1, n) for n in FIXED_BLOCKS]
+    plans = [search(profile_analytic(arch_from_dict("tiny", c), seq_len=FIXED_SEQ, dtype_bytes=4), cluster,
+                    global_batch_size=1, pins=Pins(micro_batch_size=1), alternatives=False).best.plan.to_dict()
+             for c in configs]
+    row = {"tp": 1, "dp": 1, "zero": 0, "blocks": list(FIXED_BLOCKS), "seconds": [0.030, 0.050],
+           "configs": configs, "plans": plans}
+    (written,) = price_rest_fixed([row], data)
+    assert written[:5] == [1, 1, 0, FIXED_SEQ, pytest.approx(20.0)] and 0 <= written[5] < 20.0  # 30 - 10 ms
+    (floored,) = price_rest_fixed([row | {"seconds": [0.010, 0.040]}], data)  # a block of 15 ms, 10 in all
+    assert floored[4] == 0.0
+
+    base = _calibrated_cpu()
+    data = cluster_to_dict(base)
+    data["measured"]["rest_fixed"] = [[2, 2, 0, 8, 50.0, 10.0], [2, 2, 0, 512, 60.0, 10.0],
+                                      [1, 4, 0, 8, 9.0, 5.0], [1, 4, 0, 512, 9.0, 5.0]]
+    rest = cluster_from_dict(json.loads(json.dumps(data)), name="rest")
+    again = cluster_from_dict(json.loads(json.dumps(cluster_to_dict(rest))), name="again")
+    assert [v for r in again.measured_rest_fixed for v in r] == pytest.approx(
+        [v for r in rest.measured_rest_fixed for v in r])
+    assert rest.rest_fixed_s(2, 2, 0, 8) == pytest.approx(40e-3)
+    assert rest.rest_fixed_s(2, 2, 0, 4096) == pytest.approx(50e-3)  # the line, flat past 512 tokens
+    assert rest.rest_fixed_s(1, 4, 0, 256) == pytest.approx(4e-3) and rest.rest_fixed_s(1, 1, 0, 256) == 0.0
+    assert PRESETS["a100-80gb"].rest_fixed_s(2, 2, 0, 256) == 0.0 and base.rest_fixed_s(2, 2, 0, 256) == 0.0
+    assert rest.block_fixed_s(2, 2, 0, 256) == base.block_fixed_s(2, 2, 0, 256)  # blocks priced apart
+
+    profile, plan = _tiny_gpt_plan(dp=2, tp=2, num_microbatches=2, sequence_parallel=True)
+    added = estimate(profile, rest, plan).step_time_s - estimate(profile, base, plan).step_time_s
+    assert added == pytest.approx(2 * (40e-3 + 248 * 10e-3 / 504), rel=1e-6)  # 2 micro-batches of 256 tokens
+    data["measured"]["shared_slowdown"] = 1.5  # below 2 (= pp): the stages in turn, not the sharing, bound
+    alone = cluster_from_dict(json.loads(json.dumps(data)), name="alone")
+    data["measured"]["rest_fixed"] = []
+    plain = cluster_from_dict(json.loads(json.dumps(data)), name="plain")
+    names = plan.stages[0].layers
+    piped = replace(plan, dp=2, tp=1, pp=2, num_microbatches=1, micro_batch_size=4, schedule=Schedule.GPIPE,
+                    sequence_parallel=False,
+                    stages=(StagePlan(index=0, layers=names[:3]), StagePlan(index=1, layers=names[3:])))
+    added = estimate(profile, alone, piped).step_time_s - estimate(profile, plain, piped).step_time_s
+    assert added == pytest.approx(4e-3 / 1.5, rel=1e-6)  # once, on the head's stage, at the alone rate
+
+
 def _tiny_pipeline_plans(cluster, config: dict, pp: int, microbatches: tuple[int, ...]) -> list[dict]:
     """The plans calibrate's tiny pipeline runs pin (autopar.bench.primitives.pipeline_fixed_rows)."""
     from autopar.bench.primitives import FIXED_SEQ
@@ -637,3 +695,30 @@ def test_cpu_seconds_per_rank_and_the_cores_a_step_kept_busy():
     record = R.layout_record(entry, tokens_per_step=2048, reference_flops=None)
     assert record["measured"]["cpu"]["busy_cores"] == pytest.approx(2.0 / 1.0)
     assert R.layout_record(_entry("ddp", "ddp", predicted_s=None), 2048, None)["measured"]["cpu"] is None
+
+
+def test_interleaved_timing_takes_each_functions_samples_in_turn_and_keeps_their_own_medians():
+    """autopar.bench.primitives.time_interleaved (calibrate's layout_fixed and pipeline_fixed pairs): the
+    samples alternate between the functions, each function's median is its own call's time, and a sample
+    repeats a short call to last the sample time."""
+    import time
+
+    import torch
+
+    from autopar.bench.primitives import time_interleaved
+
+    calls: list[str] = []
+
+    def short() -> None:
+        calls.append("a")
+        time.sleep(0.001)
+
+    def long() -> None:
+        calls.append("b")
+        time.sleep(0.004)
+
+    a, b = time_interleaved([short, long], torch.device("cpu"), samples=3, sample_s=0.008)
+    assert 0.001 <= a < b and 0.004 <= b < 0.04
+    timed = "".join(calls[2:])  # after one warm-up call each
+    assert timed.startswith("a" * (timed.index("b"))) and timed.count("ab") == 3 and timed.count("ba") == 2
+    assert calls[:2] == ["a", "b"] and timed.count("a") > timed.count("b")

@@ -113,6 +113,7 @@ def cluster_json(raw: dict, command: str) -> dict:
             "calibrate_s": raw.get("calibrate_s"),
         },
     }
+    data["measured"]["rest_fixed"] = price_rest_fixed(raw.get("layout_fixed", []), data)
     data["measured"]["layout_fixed"] = price_layout_fixed(raw.get("layout_fixed", []), data)
     data["measured"]["pipeline_fixed"] = price_pipeline_fixed(raw.get("pipeline_fixed", []), data)
     return data
@@ -137,13 +138,32 @@ def price_layout_fixed(rows: list[dict], data: dict) -> list[list[float]]:
     return out
 
 
+def price_rest_fixed(rows: list[dict], data: dict) -> list[list[float]]:
+    """``[tp, dp, zero, tokens, measured ms, priced ms]`` of the tiny models the worker timed outside their
+    blocks (autopar.bench.primitives.layout_fixed_rows): the smaller model's time less its blocks' (the two
+    models' difference per block), measured and as the cost model prices it on the cluster just measured
+    (a measured fixed cost in ``data`` cancels: the same in both models, or the same per block), so that
+    measured - priced is what the embedding, LM head, loss and
+    the step's own calls pay under the layout that no other term counts. Floored at 0 like a block's."""
+    from autopar.bench.primitives import FIXED_SEQ
+
+    cluster = cluster_from_dict(json.loads(json.dumps(data)), name="calibrating")
+    out = []
+    for r in rows:
+        (n1, n3), (s1, s3) = r["blocks"], r["seconds"]
+        p1, p3 = (_priced_step_s(config, plan, cluster) for config, plan in zip(r["configs"], r["plans"]))
+        rest = [max(0.0, a1 - n1 * max(0.0, a3 - a1) / (n3 - n1)) * 1e3 for a1, a3 in ((s1, s3), (p1, p3))]
+        out.append([r["tp"], r["dp"], r["zero"], r.get("tokens", FIXED_SEQ), *rest])
+    return out
+
+
 def price_pipeline_fixed(rows: list[dict], data: dict) -> list[list[float]]:
     """``[pp, measured ms, priced ms]`` per extra micro-batch of the tiny pipeline runs the worker timed
     (autopar.bench.primitives.pipeline_fixed_rows): the two runs' difference over their micro-batch counts,
     measured and as the cost model prices it on the cluster just measured (kernels, sends, sharing and the
     layout's fixed cost per block: ``data`` holds ``layout_fixed`` already), so that measured - priced is what
-    a pipeline schedule pays per micro-batch of a chunk that no other term counts. Floored at 0 like a
-    block's fixed cost."""
+    a pipeline schedule pays per micro-batch of a chunk that no other term counts (``rest_fixed`` too). Floored
+    at 0 like a block's fixed cost."""
     cluster = cluster_from_dict(json.loads(json.dumps(data)), name="calibrating")
     out = []
     for r in rows:

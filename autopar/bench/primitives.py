@@ -50,8 +50,17 @@ COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
 """What plans run: gradient all-reduce (ZeRO 0), FSDP2's all-gather and reduce-scatter (ZeRO 2-3),
 TP's all-reduce (and all-gather / reduce-scatter under sequence parallelism)."""
 
-ELEMENTWISE_BYTES = 32 << 20
-"""Size of the tensors the element-wise kernels stream (past the last-level cache of a CPU)."""
+ELEMENTWISE_BYTES = 16 << 20
+"""Size of the tensors the element-wise kernels stream: past a CPU core's L2 cache, and below glibc's
+largest mmap threshold (``DEFAULT_MMAP_THRESHOLD_MAX``, 32 MiB on 64-bit Linux), so that a kernel's output
+comes from the heap as a block's activations of a few MiB do, not from freshly mapped pages. At 32 MiB
+every allocating kernel (GELU, layer norm, softmax) faulted in its output on every call and ran at
+2-4 GB/s against 13-18 GB/s at 16 MiB on the development VM (2026-12-01), where a preallocated output ran
+at 16 GB/s at both sizes: the rate measured the page faults, and moved 4x between calibrations with the
+allocator's state and the VM's faulting speed."""
+LOSS_LOGITS_BYTES = 32 << 20
+"""Size of the logits the loss rows time: an LM head's logits are tens to hundreds of MiB (GPT-2's
+vocabulary at 512 tokens: 103 MB in fp32), freshly mapped on a CPU as in a real step."""
 
 
 def _sync(device: torch.device) -> None:
@@ -178,7 +187,7 @@ def cross_entropy_row(dtype: torch.dtype, device: torch.device) -> dict:
     from autopar.profile.analytic import BWD_TRAFFIC_PER_FWD, LOSS_DTYPE_BYTES
 
     e = torch.tensor([], dtype=dtype).element_size()
-    rows = max(1, elementwise_bytes(device) // (LOSS_VOCAB * e))
+    rows = max(1, elementwise_bytes(device, LOSS_LOGITS_BYTES) // (LOSS_VOCAB * e))
     logits = torch.randn(rows, LOSS_VOCAB, dtype=dtype, device=device, requires_grad=True)
     labels = torch.randint(0, LOSS_VOCAB, (rows,), device=device)
 
@@ -207,7 +216,7 @@ def loss_parallel_row(dtype: torch.dtype, device: torch.device) -> dict | None:
 
     group = dist.new_group([0])  # every rank creates it; only rank 0 is in it
     e = torch.tensor([], dtype=dtype).element_size()
-    rows = max(1, elementwise_bytes(device) // (LOSS_VOCAB * e))
+    rows = max(1, elementwise_bytes(device, LOSS_LOGITS_BYTES) // (LOSS_VOCAB * e))
     moved = rows * LOSS_VOCAB * (e + 4 * LOSS_DTYPE_BYTES) * (1 + BWD_TRAFFIC_PER_FWD)
     step = lambda: None  # noqa: E731 (ranks other than 0 only wait)
     if _rank() == 0:
@@ -225,14 +234,14 @@ def loss_parallel_row(dtype: torch.dtype, device: torch.device) -> dict | None:
     return {"kernel": "loss_parallel", "bytes": moved, "bytes_per_s": moved / seconds}
 
 
-def elementwise_bytes(device: torch.device) -> int:
-    """Size of the element-wise kernels' tensors: ``ELEMENTWISE_BYTES``, and on a GPU at least four times its
+def elementwise_bytes(device: torch.device, size: int = ELEMENTWISE_BYTES) -> int:
+    """Size of the element-wise kernels' tensors: ``size``, and on a GPU at least four times its
     L2 cache (an H200's 60 MB L2 holds a 32 MiB tensor, and a kernel of a few microseconds there times its
     launch, not the memory: 1.6 TB/s was read that way against the 4.3 TB/s a copy moves)."""
     if device.type == "cuda":
         l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
-        return max(ELEMENTWISE_BYTES, 4 * int(l2))
-    return ELEMENTWISE_BYTES
+        return max(size, 4 * int(l2))
+    return size
 
 
 def _rank() -> int:
@@ -552,11 +561,11 @@ def tiny_config(raw: dict, tp: int, layers: int) -> dict:
     return raw
 
 
-def _timed_tiny_step(config: dict, rows: int, device: torch.device, sample_s: float, seq: int = FIXED_SEQ,
-                     **pins) -> tuple[float, dict]:
-    """(seconds, plan dict) of one forward and backward of ``rows`` ``seq``-token sequences, micro-batches
-    of one, through the tiny model ``config`` built under autopar's one line with ``pins``, every rank at once
-    (the slowest rank's median; the optimizer is not run)."""
+def _tiny_step(config: dict, rows: int, device: torch.device, seq: int = FIXED_SEQ,
+               **pins) -> tuple[Callable[[], None], dict]:
+    """(step, plan dict): ``step`` runs one forward and backward of ``rows`` ``seq``-token sequences,
+    micro-batches of one, through the tiny model ``config`` built under autopar's one line with ``pins``
+    (the optimizer is not run)."""
     import transformers
 
     import autopar
@@ -578,17 +587,45 @@ def _timed_tiny_step(config: dict, rows: int, device: torch.device, sample_s: fl
         model(ids, labels=ids, use_cache=False)[0].backward()
         model.zero_grad(set_to_none=True)
 
-    return slowest(time_call(step, device, sample_s=sample_s, collective=True)), model._autopar.plan.to_dict()
+    return step, model._autopar.plan.to_dict()
+
+
+def time_interleaved(fns: list[Callable[[], object]], device: torch.device, samples: int,
+                     sample_s: float) -> list[float]:
+    """Median seconds of one call of each of ``fns``, every rank at once (the slowest rank's), their samples
+    taken in turn (a, b, a, b, ...) so that a slow spell of the machine falls on each alike, as the
+    difference of two timings (``FIXED_BLOCKS``, ``PIPELINE_FIXED_ROUNDS``) should keep only the functions'
+    own. (It did not narrow the run-to-run spread of tp 4's excess a block on 4 gloo ranks sharing 2 cores:
+    51-64 ms at 8 tokens in three runs a minute apart, as back to back; 2026-12-01.) Each sample lasts at least
+    ``sample_s``; the ranks agree on every function's repetitions first."""
+    reps = []
+    for fn in fns:
+        _sync(device)
+        start = time.perf_counter()
+        fn()  # warm-up, and the repetitions a sample needs
+        _sync(device)
+        reps.append(int(slowest(float(max(1, int(sample_s / max(time.perf_counter() - start, 1e-7)))))))
+    out: list[list[float]] = [[] for _ in fns]
+    for _ in range(samples):
+        for i, fn in enumerate(fns):
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(reps[i]):
+                fn()
+            _sync(device)
+            out[i].append((time.perf_counter() - start) / reps[i])
+    return [slowest(statistics.median(x)) for x in out]
 
 
 def layout_fixed_rows(raw: dict, layouts: list[tuple[int, int, int]], device: torch.device) -> list[dict]:
     """The fixed cost of one block per micro-batch under each (tp, dp, zero) layout, every rank at once:
     the tiny model of ``raw``'s family (:func:`tiny_config`) with 1 and with 3 blocks, built under autopar's
     one line with the layout pinned, one micro-batch of one sequence of each :data:`FIXED_TOKENS` count
-    forward and backward between barriers (the slowest rank's median; the optimizer is not run). What the
-    compute kernels and collectives' bytes do not explain is the per-op dispatch (DTensor), redistribution
-    and wrapper hooks a real block pays the same, and what of it grows with the tokens (autopar.calibrate
-    prices the tiny models to keep only that part). One row per layout and token count."""
+    forward and backward (:func:`time_interleaved`: the two models' samples in turn, the slowest rank's
+    medians; the optimizer is not run). What the compute kernels and collectives' bytes do not explain is
+    the per-op dispatch (DTensor), redistribution and wrapper hooks a real block pays the same, and what of
+    it grows with the tokens (autopar.calibrate prices the tiny models to keep only that part). One row per
+    layout and token count."""
     from autopar.families import family_spec
 
     rows = []
@@ -596,16 +633,13 @@ def layout_fixed_rows(raw: dict, layouts: list[tuple[int, int, int]], device: to
         if tp > 1 and not family_spec(raw["model_type"]).splittable:
             continue  # a family without tensor parallelism: no TP rows (the same on every rank)
         for tokens in FIXED_TOKENS:
-            seconds, plans, configs = [], [], []
-            for layers in FIXED_BLOCKS:
-                config = tiny_config(raw, tp, layers)
-                taken, plan = _timed_tiny_step(config, dp, device, SAMPLE_S, seq=tokens, tp=tp, dp=dp, pp=1,
-                                               zero_stage=zero)
-                seconds.append(taken)
-                plans.append(plan)
-                configs.append(config)
+            configs = [tiny_config(raw, tp, layers) for layers in FIXED_BLOCKS]
+            built = [_tiny_step(config, dp, device, seq=tokens, tp=tp, dp=dp, pp=1, zero_stage=zero)
+                     for config in configs]
+            seconds = time_interleaved([step for step, _ in built], device, SAMPLES, SAMPLE_S)
             rows.append({"tp": tp, "dp": dp, "zero": zero, "tokens": tokens, "seconds": seconds,
-                         "blocks": list(FIXED_BLOCKS), "configs": configs, "plans": plans})
+                         "blocks": list(FIXED_BLOCKS), "configs": configs, "plans": [plan for _, plan in built]})
+            del built
     return rows
 
 
@@ -631,7 +665,8 @@ def pipeline_fixed_rows(raw: dict, world: int, ranks_per_node: int, device: torc
     family (:func:`tiny_config`, one block per pipeline rank) built under autopar's one line with pp
     pinned (:func:`pipeline_degree`; dp the rest, tp 1, 1F1B, micro-batches of one ``FIXED_SEQ``-token
     sequence), one step's forward and backward of m = pp and m = 3 pp micro-batches (the slowest rank's
-    median of samples of :data:`PIPELINE_FIXED_SAMPLE_S`; the optimizer is not run). Each extra
+    median of samples of :data:`PIPELINE_FIXED_SAMPLE_S`, the two runs' samples in turn
+    (:func:`time_interleaved`); the optimizer is not run). Each extra
     micro-batch adds one forward and backward of the bottleneck chunk: what its kernels and sends do not
     explain is torch.distributed.pipelining's bookkeeping per schedule action, the P2P ops issued and waited
     for per micro-batch, the stage's forward and backward wrappers (autopar.bench.calibrate prices the tiny
@@ -641,11 +676,9 @@ def pipeline_fixed_rows(raw: dict, world: int, ranks_per_node: int, device: torc
     pp = pipeline_degree(world, ranks_per_node)
     dp = world // pp
     config = tiny_config(raw, 1, pp)
-    seconds, plans = [], []
-    for rounds in PIPELINE_FIXED_ROUNDS:
-        taken, plan = _timed_tiny_step(config, dp * rounds * pp, device, PIPELINE_FIXED_SAMPLE_S, tp=1, dp=dp,
-                                       pp=pp, schedule="1f1b", zero_stage=0)
-        seconds.append(taken)
-        plans.append(plan)
+    built = [_tiny_step(config, dp * rounds * pp, device, tp=1, dp=dp, pp=pp, schedule="1f1b", zero_stage=0)
+             for rounds in PIPELINE_FIXED_ROUNDS]
+    seconds = time_interleaved([step for step, _ in built], device, SAMPLES, PIPELINE_FIXED_SAMPLE_S)
+    plans = [plan for _, plan in built]
     return [{"pp": pp, "dp": dp, "microbatches": [p["num_microbatches"] for p in plans], "seconds": seconds,
              "config": config, "plans": plans}]

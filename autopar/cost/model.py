@@ -251,7 +251,8 @@ def _chunk_fwd_bwd(layer_list: list[LayerCost], plan: Plan, cluster: ClusterSpec
                         sum(x.tp_collectives for x in layer_list), tp_inter, cluster, opts.collective_efficiency,
                         ranks_per_node=min(plan.tp, cluster.gpus_per_node))
     # The measured fixed costs: the layout's per block (ClusterSpec.block_fixed_s: per-op dispatch, DTensor
-    # redistribution, the data-parallel wrapper's hooks) and, under a pipeline, torch.distributed.pipelining's
+    # redistribution, the data-parallel wrapper's hooks), outside the blocks (ClusterSpec.rest_fixed_s: the
+    # embedding, LM head and loss under the layout, on the chunk that holds the head) and, under a pipeline, torch.distributed.pipelining's
     # per micro-batch of a chunk (ClusterSpec.pipeline_fixed_s: schedule bookkeeping, P2P ops issued and
     # waited for, the stage's wrappers). Both are the rank's own host work, so they share the device as
     # compute does. Measured with every rank busy (the shared rate), they are charged as compute at the
@@ -261,7 +262,10 @@ def _chunk_fwd_bwd(layer_list: list[LayerCost], plan: Plan, cluster: ClusterSpec
     # the block's cost was counted at the shared rate.
     blocks = sum(1 for x in layer_list if x.kind is LayerKind.BLOCK)
     tokens = b * max((x.seq_len for x in layer_list), default=0)
-    fixed = blocks * cluster.block_fixed_s(plan.tp, plan.dp, _fixed_cost_zero_stage(plan), tokens)
+    zero = _fixed_cost_zero_stage(plan)
+    fixed = blocks * cluster.block_fixed_s(plan.tp, plan.dp, zero, tokens)
+    if any(x.kind is LayerKind.LM_HEAD for x in layer_list):  # the model's ends, charged where the loss runs
+        fixed += cluster.rest_fixed_s(plan.tp, plan.dp, zero, tokens)
     if plan.pp > 1:
         fixed += cluster.pipeline_fixed_s(plan.pp)
     if fixed:
