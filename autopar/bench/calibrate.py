@@ -270,6 +270,11 @@ def print_summary(data: dict, out: Path) -> None:
     t.add_row("runtime memory per rank", f"{m['runtime_memory_gib']:.3f} GiB")
     for name, us in m["overheads_us"].items():
         t.add_row(f"overhead: {name}", f"{us:.1f} us")
+    rest = {tuple(r[:4]): r[4] - r[5] for r in m.get("rest_fixed", [])}
+    for tp, dp, zero, tokens, measured, priced in m.get("layout_fixed", []):
+        outside = rest.get((tp, dp, zero, tokens))
+        t.add_row(f"unpriced, tp {tp} dp {dp} ZeRO {zero} at {tokens} tokens: a block | the rest",
+                  f"{measured - priced:.1f} | " + (f"{outside:.1f} ms" if outside is not None else "-"))
     for pp, measured, priced in m.get("pipeline_fixed", []):
         t.add_row(f"pipeline (pp {pp}) per micro-batch, measured | priced", f"{measured:.2f} | {priced:.2f} ms")
     console.print(t)
