@@ -488,10 +488,10 @@ def test_zero_0_in_replicate_is_priced_at_the_fsdp2_hooks_row_not_ddps():
     assert estimate(profile, dear, piped).step_time_s > estimate(profile, cheap, piped).step_time_s
 
 
-def test_a_layout_fixed_cost_measured_below_zero_is_written_as_zero():
-    """The measured fixed cost per block is the difference of two timings (3 blocks less 1): on a busy
-    machine it came out at -0.34 ms once, which the cluster reader refuses; calibrate writes 0."""
-    from autopar.bench.calibrate import cluster_json, price_layout_fixed
+def _tiny_fixed_row(seconds: list[float]) -> tuple[dict, dict]:
+    """(a small calibration's cluster JSON, a raw layout_fixed row at tp 1 dp 1 of the 1- and 3-block tiny
+    GPT-2 models timed at ``seconds``, with the plans calibrate's worker would have run)."""
+    from autopar.bench.calibrate import cluster_json
     from autopar.bench.primitives import FIXED_BLOCKS, FIXED_SEQ, tiny_config
     from autopar.cluster import cluster_from_dict
     from autopar.plan.search import search
@@ -506,8 +506,18 @@ def test_a_layout_fixed_cost_measured_below_zero_is_written_as_zero():
     plans = [search(profile_analytic(arch_from_dict("tiny", c), seq_len=FIXED_SEQ, dtype_bytes=4), cluster,
                     global_batch_size=1, pins=Pins(micro_batch_size=1), alternatives=False).best.plan.to_dict()
              for c in configs]
-    row = {"tp": 1, "dp": 1, "zero": 0, "blocks": list(FIXED_BLOCKS), "seconds": [0.0105, 0.0098],
-           "configs": configs, "plans": plans}
+    return data, {"tp": 1, "dp": 1, "zero": 0, "blocks": list(FIXED_BLOCKS), "seconds": seconds,
+                  "configs": configs, "plans": plans}
+
+
+def test_a_layout_fixed_cost_measured_below_zero_is_written_as_zero():
+    """The measured fixed cost per block is the difference of two timings (3 blocks less 1): on a busy
+    machine it came out at -0.34 ms once, which the cluster reader refuses; calibrate writes 0."""
+    from autopar.bench.calibrate import price_layout_fixed
+    from autopar.bench.primitives import FIXED_SEQ
+    from autopar.cluster import cluster_from_dict
+
+    data, row = _tiny_fixed_row([0.0105, 0.0098])
     (written,) = price_layout_fixed([row], data)
     assert written[:5] == [1, 1, 0, FIXED_SEQ, 0.0] and written[5] >= 0
     data["measured"]["layout_fixed"] = [written]
@@ -519,25 +529,14 @@ def test_the_model_outside_its_blocks_is_priced_from_the_smaller_tiny_model_once
     measured and as priced, floored at 0; read back and composed like a block's line; added once per
     micro-batch to the chunk that holds the LM head (every rank busy: in full; a pipeline's last stage alone:
     at the alone rate), and absent from presets."""
-    from autopar.bench.calibrate import cluster_json, price_rest_fixed
-    from autopar.bench.primitives import FIXED_BLOCKS, FIXED_SEQ, tiny_config
+    from autopar.bench.calibrate import price_rest_fixed
+    from autopar.bench.primitives import FIXED_SEQ
     from autopar.cluster import PRESETS, cluster_from_dict, cluster_to_dict
     from autopar.cost.model import estimate
-    from autopar.plan.search import search
-    from autopar.plan.types import Pins, Schedule, StagePlan
-    from autopar.profile.analytic import profile_analytic
-    from autopar.profile.config import arch_from_dict
+    from autopar.plan.types import Schedule, StagePlan
 
-    data = cluster_json(_raw_calibration(), "test")
+    data, row = _tiny_fixed_row([0.030, 0.050])
     assert data["measured"]["rest_fixed"] == []  # a record without the tiny runs: none
-    cluster = cluster_from_dict(json.loads(json.dumps(data)), name="c").with_gpus(1)
-    raw = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 256, "n_positions": 64}
-    configs = [tiny_config(raw, 1, n) for n in FIXED_BLOCKS]
-    plans = [search(profile_analytic(arch_from_dict("tiny", c), seq_len=FIXED_SEQ, dtype_bytes=4), cluster,
-                    global_batch_size=1, pins=Pins(micro_batch_size=1), alternatives=False).best.plan.to_dict()
-             for c in configs]
-    row = {"tp": 1, "dp": 1, "zero": 0, "blocks": list(FIXED_BLOCKS), "seconds": [0.030, 0.050],
-           "configs": configs, "plans": plans}
     (written,) = price_rest_fixed([row], data)
     assert written[:5] == [1, 1, 0, FIXED_SEQ, pytest.approx(20.0)] and 0 <= written[5] < 20.0  # 30 - 10 ms
     (floored,) = price_rest_fixed([row | {"seconds": [0.010, 0.040]}], data)  # a block of 15 ms, 10 in all
