@@ -18,9 +18,10 @@ def free_port() -> int:
 
 
 def worker_env(**extra: str) -> dict:
-    # PYTHONFAULTHANDLER: a rank that aborts (SIGABRT from C++, e.g. "terminate called without an active
-    # exception", seen once in CI on 2026-12-01 in the habits test and not reproduced in 15 runs) prints every
-    # thread's Python stack, so the next such failure says where it happened.
+    # PYTHONFAULTHANDLER: a rank that aborts (SIGABRT from C++) prints every thread's Python stack. It showed
+    # where "terminate called without an active exception" came from (CI, 2026-12-01, the habits test): no
+    # Python frame left, the interpreter's teardown freeing gloo groups (autopar.execute.runtime
+    # _release_process_groups now frees them at exit).
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONFAULTHANDLER="1")
     env.update(extra)
