@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from autopar.bench.calibrate import price_layout_fixed, price_rest_fixed  # noqa: E402
+from autopar.bench.calibrate import price_tiny_models  # noqa: E402
 from autopar.bench.primitives import layout_fixed_rows  # noqa: E402
 from autopar.profile.config import load_arch  # noqa: E402
 from autopar.schema import load_json_file  # noqa: E402
@@ -48,7 +48,7 @@ def main() -> None:
     rows = layout_fixed_rows({**(arch.raw or {}), "model_type": arch.model_type}, layouts, torch.device("cpu"))
     if dist.get_rank() == 0:
         data = load_json_file(Path(args.cluster), "cluster JSON")
-        priced, rest = price_layout_fixed(rows, data), price_rest_fixed(rows, data)
+        priced, rest = price_tiny_models(rows, data)
         out = []
         for (tp, dp, zero, tokens, measured_ms, priced_ms), (*_, rest_ms, rest_priced_ms) in zip(priced, rest):
             print(f"dp{dp} tp{tp} zero{zero} {tokens} tokens: measured {measured_ms:.1f} ms a block, "

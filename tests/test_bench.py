@@ -513,12 +513,12 @@ def _tiny_fixed_row(seconds: list[float]) -> tuple[dict, dict]:
 def test_a_layout_fixed_cost_measured_below_zero_is_written_as_zero():
     """The measured fixed cost per block is the difference of two timings (3 blocks less 1): on a busy
     machine it came out at -0.34 ms once, which the cluster reader refuses; calibrate writes 0."""
-    from autopar.bench.calibrate import price_layout_fixed
+    from autopar.bench.calibrate import price_tiny_models
     from autopar.bench.primitives import FIXED_SEQ
     from autopar.cluster import cluster_from_dict
 
     data, row = _tiny_fixed_row([0.0105, 0.0098])
-    (written,) = price_layout_fixed([row], data)
+    (written,), _ = price_tiny_models([row], data)
     assert written[:5] == [1, 1, 0, FIXED_SEQ, 0.0] and written[5] >= 0
     data["measured"]["layout_fixed"] = [written]
     assert cluster_from_dict(data, name="again").measured_layout_fixed[0][4] == 0.0
@@ -529,7 +529,7 @@ def test_the_model_outside_its_blocks_is_priced_from_the_smaller_tiny_model_once
     measured and as priced, floored at 0; read back and composed like a block's line; added once per
     micro-batch to the chunk that holds the LM head (every rank busy: in full; a pipeline's last stage alone:
     at the alone rate), and absent from presets."""
-    from autopar.bench.calibrate import price_rest_fixed
+    from autopar.bench.calibrate import price_tiny_models
     from autopar.bench.primitives import FIXED_SEQ
     from autopar.cluster import PRESETS, cluster_from_dict, cluster_to_dict
     from autopar.cost.model import estimate
@@ -537,9 +537,9 @@ def test_the_model_outside_its_blocks_is_priced_from_the_smaller_tiny_model_once
 
     data, row = _tiny_fixed_row([0.030, 0.050])
     assert data["measured"]["rest_fixed"] == []  # a record without the tiny runs: none
-    (written,) = price_rest_fixed([row], data)
+    _, (written,) = price_tiny_models([row], data)
     assert written[:5] == [1, 1, 0, FIXED_SEQ, pytest.approx(20.0)] and 0 <= written[5] < 20.0  # 30 - 10 ms
-    (floored,) = price_rest_fixed([row | {"seconds": [0.010, 0.040]}], data)  # a block of 15 ms, 10 in all
+    _, (floored,) = price_tiny_models([row | {"seconds": [0.010, 0.040]}], data)  # a block of 15 ms, 10 in all
     assert floored[4] == 0.0
 
     base = _calibrated_cpu()

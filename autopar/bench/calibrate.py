@@ -113,48 +113,37 @@ def cluster_json(raw: dict, command: str) -> dict:
             "calibrate_s": raw.get("calibrate_s"),
         },
     }
-    data["measured"]["rest_fixed"] = price_rest_fixed(raw.get("layout_fixed", []), data)
-    data["measured"]["layout_fixed"] = price_layout_fixed(raw.get("layout_fixed", []), data)
+    data["measured"]["layout_fixed"], data["measured"]["rest_fixed"] = price_tiny_models(
+        raw.get("layout_fixed", []), data)
     data["measured"]["pipeline_fixed"] = price_pipeline_fixed(raw.get("pipeline_fixed", []), data)
     return data
 
 
-def price_layout_fixed(rows: list[dict], data: dict) -> list[list[float]]:
-    """``[tp, dp, zero, tokens, measured ms, priced ms]`` per block of the tiny models the worker timed
-    (autopar.bench.primitives.layout_fixed_rows, one row per layout and token count): the two models'
-    difference over their blocks, measured and as the cost model prices it on the cluster just measured (its
-    kernels, collectives and sharing), so that measured - priced is what no other term counts."""
+def price_tiny_models(rows: list[dict], data: dict) -> tuple[list[list[float]], list[list[float]]]:
+    """(``layout_fixed``, ``rest_fixed``) rows from the tiny models the worker timed
+    (autopar.bench.primitives.layout_fixed_rows, one row per layout and token count), each
+    ``[tp, dp, zero, tokens, measured ms, priced ms]``, measured and as the cost model prices the same tiny
+    models on the cluster just measured (its kernels, collectives and sharing; ``data`` without fixed costs),
+    so that measured - priced is what no other term counts:
+
+    - per block: the two models' difference over their blocks;
+    - outside the blocks: the smaller model's time less its blocks' (the embedding, LM head, loss and the
+      step's own calls).
+
+    Both are differences of two timings: on a busy machine the measured one can come out below zero, which
+    nothing takes (and the cluster reader refuses): 0, the same floor as the priced one."""
     from autopar.bench.primitives import FIXED_SEQ
 
     cluster = cluster_from_dict(json.loads(json.dumps(data)), name="calibrating")
-    out = []
+    blocks, rest = [], []
     for r in rows:
-        (n1, n3), (s1, s3) = r["blocks"], r["seconds"]
-        p1, p3 = (_priced_step_s(config, plan, cluster) for config, plan in zip(r["configs"], r["plans"]))
-        # Both are differences of two timings: on a busy machine the measured one can come out below zero,
-        # which no block takes (and the cluster reader refuses): 0, the same floor as the priced one.
-        out.append([r["tp"], r["dp"], r["zero"], r.get("tokens", FIXED_SEQ), max(0.0, s3 - s1) / (n3 - n1) * 1e3,
-                    max(0.0, p3 - p1) / (n3 - n1) * 1e3])
-    return out
-
-
-def price_rest_fixed(rows: list[dict], data: dict) -> list[list[float]]:
-    """``[tp, dp, zero, tokens, measured ms, priced ms]`` of the tiny models the worker timed outside their
-    blocks (autopar.bench.primitives.layout_fixed_rows): the smaller model's time less its blocks' (the two
-    models' difference per block), measured and as the cost model prices it on the cluster just measured
-    (a measured fixed cost in ``data`` cancels: the same in both models, or the same per block), so that
-    measured - priced is what the embedding, LM head, loss and
-    the step's own calls pay under the layout that no other term counts. Floored at 0 like a block's."""
-    from autopar.bench.primitives import FIXED_SEQ
-
-    cluster = cluster_from_dict(json.loads(json.dumps(data)), name="calibrating")
-    out = []
-    for r in rows:
-        (n1, n3), (s1, s3) = r["blocks"], r["seconds"]
-        p1, p3 = (_priced_step_s(config, plan, cluster) for config, plan in zip(r["configs"], r["plans"]))
-        rest = [max(0.0, a1 - n1 * max(0.0, a3 - a1) / (n3 - n1)) * 1e3 for a1, a3 in ((s1, s3), (p1, p3))]
-        out.append([r["tp"], r["dp"], r["zero"], r.get("tokens", FIXED_SEQ), *rest])
-    return out
+        (n1, n3) = r["blocks"]
+        key = [r["tp"], r["dp"], r["zero"], r.get("tokens", FIXED_SEQ)]
+        priced = tuple(_priced_step_s(config, plan, cluster) for config, plan in zip(r["configs"], r["plans"]))
+        per_block = [max(0.0, t3 - t1) / (n3 - n1) for t1, t3 in (r["seconds"], priced)]
+        blocks.append(key + [x * 1e3 for x in per_block])
+        rest.append(key + [max(0.0, t1 - n1 * x) * 1e3 for (t1, _), x in zip((r["seconds"], priced), per_block)])
+    return blocks, rest
 
 
 def price_pipeline_fixed(rows: list[dict], data: dict) -> list[list[float]]:

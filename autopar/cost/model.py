@@ -252,14 +252,14 @@ def _chunk_fwd_bwd(layer_list: list[LayerCost], plan: Plan, cluster: ClusterSpec
                         ranks_per_node=min(plan.tp, cluster.gpus_per_node))
     # The measured fixed costs: the layout's per block (ClusterSpec.block_fixed_s: per-op dispatch, DTensor
     # redistribution, the data-parallel wrapper's hooks), outside the blocks (ClusterSpec.rest_fixed_s: the
-    # embedding, LM head and loss under the layout, on the chunk that holds the head) and, under a pipeline, torch.distributed.pipelining's
-    # per micro-batch of a chunk (ClusterSpec.pipeline_fixed_s: schedule bookkeeping, P2P ops issued and
-    # waited for, the stage's wrappers). Both are the rank's own host work, so they share the device as
-    # compute does. Measured with every rank busy (the shared rate), they are charged as compute at the
-    # alone rate; the sharing bound scales them back where all ranks run at once, not where some idle (a
-    # pipeline's warm-up, drain, or one micro-batch passing its stages in turn) ([Note: ranks sharing a
-    # device]). A layout without a pipeline keeps every rank busy: its step is the sharing bound's, as when
-    # the block's cost was counted at the shared rate.
+    # embedding, LM head and loss under the layout, on the chunk that holds the head) and, under a pipeline,
+    # torch.distributed.pipelining's per micro-batch of a chunk (ClusterSpec.pipeline_fixed_s: schedule bookkeeping,
+    # P2P ops issued and waited for, the stage's wrappers). All are the rank's own host work, so they share the
+    # device as compute does. Measured with every rank busy (the shared rate), they are charged as compute at the
+    # alone rate; the sharing bound scales them back where all ranks run at once, not where some idle (a pipeline's
+    # warm-up, drain, or one micro-batch passing its stages in turn) ([Note: ranks sharing a device]). A layout
+    # without a pipeline keeps every rank busy: its step is the sharing bound's, as when the block's cost was
+    # counted at the shared rate.
     blocks = sum(1 for x in layer_list if x.kind is LayerKind.BLOCK)
     tokens = b * max((x.seq_len for x in layer_list), default=0)
     zero = _fixed_cost_zero_stage(plan)

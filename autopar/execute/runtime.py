@@ -89,7 +89,7 @@ def _release_process_groups() -> None:
     an active exception", SIGABRT, after the script's last line) in 5 of 36 two-rank runs of
     tests/workers/checks_worker.py habits (2026-12-01), and torchrun then reports the job failed. Collected
     here, the groups' threads stop while Python still runs. A model the script still holds (a module-level
-    variable) keeps its groups until the teardown; ``del model`` at the end avoids that."""
+    variable) keeps its groups until the teardown; ``del model`` at the end lets this hook free them too."""
     if _at_exit["made_group"] and dist.is_initialized():
         dist.destroy_process_group()
     gc.collect()
