@@ -570,6 +570,10 @@ def test_the_model_outside_its_blocks_is_priced_from_the_smaller_tiny_model_once
     added = estimate(profile, alone, piped).step_time_s - estimate(profile, plain, piped).step_time_s
     assert added == pytest.approx(4e-3 / 1.5, rel=1e-6)  # once, on the head's stage, at the alone rate
 
+    data["measured"]["rest_fixed"] = [[2, 2, 0, 8, -3.0, 1.0]]
+    with pytest.raises(AutoparError, match=r"measured.rest_fixed\[0\]=.*run autopar calibrate again"):
+        cluster_from_dict(data, name="bad")
+
 
 def _tiny_pipeline_plans(cluster, config: dict, pp: int, microbatches: tuple[int, ...]) -> list[dict]:
     """The plans calibrate's tiny pipeline runs pin (autopar.bench.primitives.pipeline_fixed_rows)."""
