@@ -87,6 +87,11 @@ class DeviceSpec:
     """The same under tensor parallelism: torch's ``loss_parallel()`` runs the vocab-sharded loss as unfused
     DTensor ops (``autopar calibrate``'s ``loss_parallel`` kernel, over the same counted bytes); 0 prices it
     like the fused loss."""
+    fresh_page_bytes_per_s: float = 0.0
+    """Bytes per second at which one rank alone maps in freshly mapped pages (a CPU's page faults on an
+    allocation of glibc's mmap size, each page zeroed on first touch), measured by ``autopar calibrate``'s
+    ``fresh_pages`` row; 0 prices none (GPUs: CUDA's caching allocator reuses its blocks).
+    autopar.cost.fresh_pages [Note: fresh pages] says which buffers pay it."""
     measured_matmul: tuple[tuple[int, int, int, float], ...] = ()
     """Measured (M, K, N, FLOP/s) of single bf16 matmuls on this device; when present they replace the
     tile model (docs/clusters.md, "Measured kernels"; ``autopar explain --measure``, ``autopar calibrate``)."""
@@ -339,9 +344,11 @@ def cluster_from_dict(data: dict, name: str = "custom") -> ClusterSpec:
     raw_device = data["device"]
     matmul, attention = measured_kernels_from_dict(raw_device.get("measured"), where, dev["peak_tflops"])
     kernels = {k: dev[k] for k in ("sm_count", "matmul_ceiling", "attention_ceiling") if raw_device.get(k) is not None}
-    for key, field_name in (("loss_TBps", "loss_bytes_per_s"), ("loss_parallel_TBps", "loss_parallel_bytes_per_s")):
+    for key, field_name, unit in (("loss_TBps", "loss_bytes_per_s", 1e12),
+                                  ("loss_parallel_TBps", "loss_parallel_bytes_per_s", 1e12),
+                                  ("fresh_pages_GBps", "fresh_page_bytes_per_s", 1e9)):
         if raw_device.get(key) is not None:
-            kernels[field_name] = dev[key] * 1e12
+            kernels[field_name] = dev[key] * unit
     device = DeviceSpec(
         name=dev["name"],
         peak_flops_per_s=dev["peak_tflops"] * 1e12,
@@ -602,6 +609,8 @@ def cluster_to_dict(cluster: ClusterSpec, source: str = "") -> dict:
         device["loss_TBps"] = dev.loss_bytes_per_s / 1e12
     if dev.loss_parallel_bytes_per_s:
         device["loss_parallel_TBps"] = dev.loss_parallel_bytes_per_s / 1e12
+    if dev.fresh_page_bytes_per_s:
+        device["fresh_pages_GBps"] = dev.fresh_page_bytes_per_s / 1e9
     if dev.measured_matmul or dev.measured_attention:
         device["measured"] = measured_kernels_to_dict(dev, source)
     device["kind"] = dev.kind

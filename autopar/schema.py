@@ -553,6 +553,8 @@ CLUSTER_DEVICE: tuple[Field, ...] = (
     _positive("loss_TBps", 1e-9, 1e3, "1 PB/s: the LM head's loss kernels' measured rate (autopar calibrate)"),
     _positive("loss_parallel_TBps", 1e-9, 1e3,
               "1 PB/s: the vocab-parallel loss's measured rate under tensor parallelism (autopar calibrate)"),
+    _positive("fresh_pages_GBps", 1e-6, 1e6,
+              "1 PB/s: the rate a CPU rank maps in fresh pages, measured by autopar calibrate (absent: not priced)"),
     Field(key="kind", kind="choice", choices=("gpu", "cpu"), default="gpu",
           why="a GPU, or a host's cores shared by gloo processes (autopar calibrate on a CPU)"),
 )

@@ -57,6 +57,9 @@ def _fits(rows: list[dict], key) -> list[tuple]:
 
 LOSS_KERNELS = ("cross_entropy", "loss_parallel")
 """The loss's kernels (priced at their own rates), left out of the element-wise bandwidth."""
+OWN_RATE_ROWS = (*LOSS_KERNELS, "fresh_pages")
+"""Rows of the element-wise table priced at their own rates: the loss's kernels and a CPU's fresh pages
+(``device.fresh_pages_GBps``, autopar.cost.fresh_pages)."""
 
 
 def shared_slowdown(sharing: dict) -> float:
@@ -76,7 +79,7 @@ def cluster_json(raw: dict, command: str) -> dict:
     gemm = raw["gemm"]
     peak = max(r["flops_per_s"] for r in gemm + raw.get("attention", []))
     memory = where["device_memory_bytes"] / (max(1.0, per_unit) if gpu else where["ranks_per_node"])
-    kernels = [k for k in raw["elementwise"] if k["kernel"] not in LOSS_KERNELS]
+    kernels = [k for k in raw["elementwise"] if k["kernel"] not in OWN_RATE_ROWS]
     hbm = len(kernels) / sum(1.0 / k["bytes_per_s"] for k in kernels)  # each kernel moving the same bytes
     rates = {k["kernel"]: k["bytes_per_s"] for k in raw["elementwise"]}
     calibration = (f"{command} on {where['host']} ({where['device_name']}, {where['world_size']} ranks, "
@@ -89,6 +92,7 @@ def cluster_json(raw: dict, command: str) -> dict:
         "context_gib": raw["runtime_memory_bytes"] / GIB, "matmul_ceiling": 1.0,
         **{key: rates[kernel] / 1e12 for key, kernel in (("loss_TBps", "cross_entropy"),
                                                          ("loss_parallel_TBps", "loss_parallel")) if kernel in rates},
+        **({"fresh_pages_GBps": rates["fresh_pages"] / 1e9} if "fresh_pages" in rates else {}),
         "measured": {"source": calibration,
                      "matmul": [[r["m"], r["k"], r["n"], r["flops_per_s"] / 1e12] for r in gemm],
                      "attention": [[r["seq_len"], r["head_dim"], *([r["batch_heads"]] if "batch_heads" in r else []),
@@ -253,6 +257,8 @@ def print_summary(data: dict, out: Path) -> None:
     for key, what in (("loss_TBps", "the loss"), ("loss_parallel_TBps", "the vocab-parallel loss (TP)")):
         if dev.get(key):
             t.add_row(f"{what}, GB/s of the counted traffic", f"{dev[key] * 1e3:.2f}")
+    if dev.get("fresh_pages_GBps"):
+        t.add_row("fresh pages mapped in (page faults), GB/s", f"{dev['fresh_pages_GBps']:.2f}")
     t.add_row("ranks per core/device (counted) | slowdown when all compute (measured)",
               f"{m['ranks_per_device']:.2f} | {m['shared_slowdown']:.2f}")
     t.add_row("communication hidden behind compute (measured)", f"{m['comm_overlap']:.0%}")

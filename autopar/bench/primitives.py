@@ -58,9 +58,6 @@ every allocating kernel (GELU, layer norm, softmax) faulted in its output on eve
 2-4 GB/s against 13-18 GB/s at 16 MiB on the development VM (2026-12-01), where a preallocated output ran
 at 16 GB/s at both sizes: the rate measured the page faults, and moved 4x between calibrations with the
 allocator's state and the VM's faulting speed."""
-LOSS_LOGITS_BYTES = 32 << 20
-"""Size of the logits the loss rows time: an LM head's logits are tens to hundreds of MiB (GPT-2's
-vocabulary at 512 tokens: 103 MB in fp32), freshly mapped on a CPU as in a real step."""
 
 
 def _sync(device: torch.device) -> None:
@@ -171,8 +168,28 @@ def elementwise_rows(dtype: torch.dtype, device: torch.device) -> list[dict]:
     }
     rows = [{"kernel": name, "bytes": moved, "bytes_per_s": moved / alone(fn, device)}
             for name, (fn, moved) in kernels.items()]
-    sharded = loss_parallel_row(dtype, device)
-    return rows + [cross_entropy_row(dtype, device)] + ([sharded] if sharded else [])
+    own = [cross_entropy_row(dtype, device), loss_parallel_row(dtype, device), fresh_pages_row(dtype, device)]
+    return rows + [row for row in own if row]
+
+
+FRESH_PAGES_BYTES = 64 << 20
+"""The buffer :func:`fresh_pages_row` maps in: twice glibc's largest mmap threshold
+(autopar.cost.constants.FRESH_MAP_BYTES), so that every allocation of it is mapped anew."""
+
+
+def fresh_pages_row(dtype: torch.dtype, device: torch.device) -> dict | None:
+    """Bytes per second one rank alone maps in fresh pages (autopar.cost.fresh_pages [Note: fresh pages]):
+    a :data:`FRESH_PAGES_BYTES` tensor allocated and filled, less the same fill into a preallocated one, so
+    what is left is the page faults (and the unmapping on free). None on a GPU, whose caching allocator
+    reuses its blocks."""
+    if device.type != "cpu":
+        return None
+    n = FRESH_PAGES_BYTES // torch.tensor([], dtype=dtype).element_size()
+    out = torch.ones(n, dtype=dtype, device=device)
+    filled = alone(lambda: out.fill_(1.0), device)
+    fresh = alone(lambda: torch.empty(n, dtype=dtype, device=device).fill_(1.0), device)
+    return {"kernel": "fresh_pages", "bytes": FRESH_PAGES_BYTES,
+            "bytes_per_s": FRESH_PAGES_BYTES / max(fresh - filled, 1e-9)}
 
 
 LOSS_VOCAB = 32768
@@ -183,11 +200,14 @@ def cross_entropy_row(dtype: torch.dtype, device: torch.device) -> dict:
     """The LM head's loss as transformers runs it (logits upcast to fp32, ``cross_entropy`` summed, its
     backward) over ``elementwise_bytes`` of logits, as bytes per second of the traffic the profile counts for
     it (autopar.profile.analytic ``_head``: per logit its e bytes and 4 fp32 passes forward, twice that
-    backward), so that the cost model's LM-head traffic at this rate gives back the measured time."""
+    backward), so that the cost model's LM-head traffic at this rate gives back the measured time. On a CPU
+    the logits and the loss's tensors come from the heap: larger logits' page faults are priced apart
+    (autopar.cost.fresh_pages; timed with them, the rate charged every size a large one's faults: 11 against
+    60 GB/s on the development VM)."""
     from autopar.profile.analytic import BWD_TRAFFIC_PER_FWD, LOSS_DTYPE_BYTES
 
     e = torch.tensor([], dtype=dtype).element_size()
-    rows = max(1, elementwise_bytes(device, LOSS_LOGITS_BYTES) // (LOSS_VOCAB * e))
+    rows = max(1, elementwise_bytes(device) // (LOSS_VOCAB * e))
     logits = torch.randn(rows, LOSS_VOCAB, dtype=dtype, device=device, requires_grad=True)
     labels = torch.randint(0, LOSS_VOCAB, (rows,), device=device)
 
@@ -216,7 +236,7 @@ def loss_parallel_row(dtype: torch.dtype, device: torch.device) -> dict | None:
 
     group = dist.new_group([0])  # every rank creates it; only rank 0 is in it
     e = torch.tensor([], dtype=dtype).element_size()
-    rows = max(1, elementwise_bytes(device, LOSS_LOGITS_BYTES) // (LOSS_VOCAB * e))
+    rows = max(1, elementwise_bytes(device) // (LOSS_VOCAB * e))
     moved = rows * LOSS_VOCAB * (e + 4 * LOSS_DTYPE_BYTES) * (1 + BWD_TRAFFIC_PER_FWD)
     step = lambda: None  # noqa: E731 (ranks other than 0 only wait)
     if _rank() == 0:

@@ -129,6 +129,41 @@ stages as run]) and FSDP2's gathers with compute; the development set's runs
 (Megatron-LM 2021, ``--DDP-impl local``) did not, so calibration passes
 ``overlap_dp_comm=False``."""
 
+# --- Fresh pages on a CPU (autopar.cost.fresh_pages [Note: fresh pages]) ---------------
+
+FRESH_MAP_BYTES = 32 * 2**20
+"""glibc's largest mmap threshold (``DEFAULT_MMAP_THRESHOLD_MAX`` in malloc/malloc.c: 4 x 1024 x 1024 x
+sizeof(long), 32 MiB on 64-bit Linux). An allocation this large or larger is always mapped anew and
+unmapped when freed (the dynamic threshold never rises past it), so its pages fault in on first touch on
+every call; smaller ones come from the heap once it has grown."""
+
+FSDP_GATHER_FRESH_BUFFERS = 3
+"""Group-sized buffers one FSDP2 all-gather allocates on a CPU rank: FSDP2's flat gather output
+(``foreach_all_gather``), gloo's staging copy of it (``all_gather_into_tensor``, also with a preallocated
+output), and the unsharded parameters' storage the copy-out fills. Counted with torch.profiler and
+``getrusage`` minor faults on gloo, torch 2.13, GPT-2's 50 MiB root group: benchmarks/bench_fresh_pages.py."""
+
+FSDP_REDUCE_FRESH_BUFFERS = 3
+"""The same for one FSDP2 reduce-scatter: the unsharded gradient, its ``chunk_cat`` into the flat input,
+and gloo's clone of that input (``reduce_scatter_tensor``). Same source."""
+
+LOSS_FRESH_TENSORS = (1, 2)
+"""(forward, backward) fp32 logits-sized tensors transformers' loss allocates per micro-batch
+(``cross_entropy`` over the upcast logits): the log-softmax output; the NLL backward's gradient and the
+log-softmax backward's output;
+a 16-bit model's upcast copy is one more. The LM head's logits themselves come from a matmul, whose
+measured rate has them. Same source as ``FSDP_GATHER_FRESH_BUFFERS``."""
+
+LOSS_PARALLEL_FRESH_TENSORS = (3, 4)
+"""The same under tensor parallelism, where torch's ``loss_parallel()`` runs the vocab-sharded loss as
+unfused DTensor ops: two subtractions and an exponential forward; a zero-filled gradient, an exponential,
+an addition and a multiplication backward; each a logits shard. Same source."""
+
+ADAMW_FRESH_TEMPORARIES = 2
+"""Parameter-sized tensors torch's single-tensor AdamW (the default for CPU tensors: ``foreach`` is taken
+for CUDA only) allocates per parameter per step: ``exp_avg_sq.sqrt()`` and its division by the bias
+correction (torch/optim/adamw.py, ``_single_tensor_adam``); the moments update in place. Same source."""
+
 # --- The model's own error ---------------------------------------------------------
 
 MODEL_ERROR = 0.07

@@ -97,6 +97,12 @@ class LayerCost:
     seq_len: int = 0
     """Tokens a sequence (the profile's): a micro-batch's tokens price what grows with them per block
     (``ClusterSpec.block_fixed_s``)."""
+    loss_elements: float = 0.0
+    """Logits per sequence on this device (the LM head's, vocab-parallel under TP; 0 elsewhere): the size
+    of the loss's tensors (autopar.cost.fresh_pages)."""
+    weight_numels: tuple[float, ...] = ()
+    """Elements of each weight matrix on this device (:func:`weight_numels`): the sizes that decide which
+    gradients and optimizer temporaries a CPU maps in fresh (autopar.cost.fresh_pages)."""
 
 
 def _compute_s(layer, device, tp: int, sp: bool, recompute: Recompute, opts: CostOptions,
@@ -158,9 +164,19 @@ def layer_costs(profile: ModelProfile, cluster: ClusterSpec, *, tp: int, sequenc
                 tp_collectives=collectives, params=layer.params.at(tp), act_bytes=act, work_bytes=work,
                 call_act_bytes=layer.call_saved_bytes, tensors=layer.param_tensors,
                 output_bytes=layer.output_bytes, tied_to=layer.tied_to, micro_batch_size=micro_batch_size,
-                seq_len=profile.seq_len,
+                seq_len=profile.seq_len, weight_numels=weight_numels(layer, tp),
+                loss_elements=profile.seq_len * profile.vocab_size / tp if layer.kind is LayerKind.LM_HEAD else 0.0,
             ))
     return out
+
+
+def weight_numels(layer, tp: int) -> tuple[float, ...]:
+    """Elements of each weight matrix of ``layer`` on one device: an embedding's table first (vocab-parallel
+    under TP) and its other parameters as one, else each matmul's weight (``inner x cols``, cut to its TP
+    shard where it is sharded). Norms and biases, small, are left out."""
+    if layer.kind is LayerKind.EMBEDDING:
+        return (layer.params.sharded / tp, layer.params.replicated)
+    return tuple(g.inner * g.cols / (tp if g.tp_dim else 1) for g in layer.gemms for _ in range(g.count))
 
 
 def _transient_bytes(layer, profile: ModelProfile, tp: int, sp: bool, recompute: Recompute,

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from typing import Callable
 
 from autopar.cluster import ClusterSpec
 from autopar.cost import constants as C
+from autopar.cost.fresh_pages import chunk_fresh_bytes, optimizer_fresh_bytes
 from autopar.cost.layers import CostOptions, LayerCost, collective_s, layer_costs, send_s
 from autopar.errors import AutoparError
 from autopar.cost.data_parallel import (
@@ -53,6 +55,9 @@ class StageCost:
     """weights, grads, optimizer, activations, transient, reserve."""
     peak_bytes: float
     capacity_bytes: float
+    fresh_page_bytes: float = 0.0
+    """Bytes of buffers mapped in fresh per step, beyond what measured kernels allocate, where the cluster
+    prices them (a calibrated CPU: autopar.cost.fresh_pages [Note: fresh pages]); 0 elsewhere."""
 
     @property
     def fits(self) -> bool:
@@ -193,9 +198,9 @@ def params_per_pipeline_rank(profile: ModelProfile, cluster: ClusterSpec, plan: 
 
 
 def _device_params(costs: list[LayerCost], ranges: list[range], plan: Plan,
-                   what: str = "params") -> list[float]:
-    """Parameters (or parameter tensors: ``what="tensors"``) held per pipeline rank; a tied weight counts
-    once per rank."""
+                   what: str | Callable[[LayerCost], float] = "params") -> list[float]:
+    """Parameters (or parameter tensors: ``what="tensors"``, or any per-layer sum ``what(cost)``) held per
+    pipeline rank; a tied weight counts once per rank."""
     owners: dict[str, int] = {}
     for c, r in enumerate(ranges):
         for i in r:
@@ -206,7 +211,7 @@ def _device_params(costs: list[LayerCost], ranges: list[range], plan: Plan,
         for i in r:
             tied = costs[i].tied_to
             if tied is None or owners.get(tied) != rank:
-                params[rank] += getattr(costs[i], what)
+                params[rank] += what(costs[i]) if callable(what) else getattr(costs[i], what)
     return params
 
 
@@ -222,6 +227,14 @@ class _Device:
     work_bytes: float
     max_layer_params: float
     tensors: float = 0.0  # parameter tensors
+    optimizer_fresh_bytes: float = 0.0  # AdamW's temporaries mapped anew on a CPU, per step
+    fresh_bytes: float = 0.0  # everything mapped anew per step (the optimizer's included), where priced
+
+
+def _fresh_s(nbytes: float, cluster: ClusterSpec) -> float:
+    """Seconds one rank alone maps in ``nbytes`` of fresh pages (fresh_pages [Note: fresh pages])."""
+    rate = cluster.device.fresh_page_bytes_per_s
+    return nbytes / rate if rate else 0.0
 
 
 def _fixed_cost_zero_stage(plan: Plan) -> int:
@@ -236,8 +249,9 @@ def _fixed_cost_zero_stage(plan: Plan) -> int:
 
 
 def _chunk_fwd_bwd(layer_list: list[LayerCost], plan: Plan, cluster: ClusterSpec, opts: CostOptions,
-                   tp_inter: bool) -> tuple[float, float, float]:
-    """(forward s, backward s, of which TP s) of one micro-batch on one chunk.
+                   tp_inter: bool, fresh: tuple[float, float] | None = None) -> tuple[float, float, float]:
+    """(forward s, backward s, of which TP s) of one micro-batch on one chunk; ``fresh``: the chunk's
+    :func:`chunk_fresh_bytes` where the caller has them (computed here otherwise, on a cluster that prices them).
 
     The chunk's TP collectives are charged to forward and backward by their
     compute shares (they follow the matmuls they belong to), and with them the
@@ -276,6 +290,9 @@ def _chunk_fwd_bwd(layer_list: list[LayerCost], plan: Plan, cluster: ClusterSpec
         copy_f, copy_g = dp_copy_bytes(plan, sum(x.params for x in layer_list))
         rate = cluster.device.hbm_bytes_per_s * opts.memory_efficiency
         f, g = f + copy_f / rate, g + copy_g / rate
+    if cluster.device.fresh_page_bytes_per_s:  # large buffers a CPU maps anew ([Note: fresh pages]); not GPUs
+        fresh_f, fresh_g = fresh if fresh is not None else chunk_fresh_bytes(layer_list, plan)
+        f, g = f + _fresh_s(fresh_f, cluster), g + _fresh_s(fresh_g, cluster)
     share = f / (f + g) if f + g > 0 else 0.5
     return f + tp_s * share, g + tp_s * (1 - share), tp_s
 
@@ -285,13 +302,15 @@ def _devices(costs: list[LayerCost], ranges: list[range], plan: Plan, cluster: C
              tp_inter: bool) -> tuple[list[_Device], list[tuple[float, float, float]]]:
     """Per pipeline rank totals, and per chunk (fwd s, bwd s, TP s) of one micro-batch."""
     b = plan.micro_batch_size
-    acc = [dict(compute=0.0, tp=0.0, fwd=0.0, bwd=0.0, layers=0, act=0.0, work=0.0, maxp=0.0)
+    acc = [dict(compute=0.0, tp=0.0, fwd=0.0, bwd=0.0, layers=0, act=0.0, work=0.0, maxp=0.0, fresh=0.0)
            for _ in range(plan.pp)]
+    priced_fresh = bool(cluster.device.fresh_page_bytes_per_s)
     chunks = []
     for c, r in enumerate(ranges):
         d = acc[plan.stage_rank(c)]
         layer_list = [costs[i] for i in r]
-        fwd_s, bwd_s, tp_s = _chunk_fwd_bwd(layer_list, plan, cluster, opts, tp_inter)
+        fresh = chunk_fresh_bytes(layer_list, plan) if priced_fresh else (0.0, 0.0)
+        fwd_s, bwd_s, tp_s = _chunk_fwd_bwd(layer_list, plan, cluster, opts, tp_inter, fresh)
         d["compute"] += fwd_s + bwd_s - tp_s
         d["tp"] += tp_s
         d["fwd"] += b * sum(x.fwd_s for x in layer_list)
@@ -300,11 +319,14 @@ def _devices(costs: list[LayerCost], ranges: list[range], plan: Plan, cluster: C
         d["act"] += inflight[c] * sum(b * x.act_bytes + x.call_act_bytes for x in layer_list)
         d["work"] = max(d["work"], b * max(x.work_bytes for x in layer_list))
         d["maxp"] = max(d["maxp"], max(x.params for x in layer_list))
+        d["fresh"] += plan.num_microbatches * sum(fresh)
         chunks.append((fwd_s, bwd_s, tp_s))
     params = _device_params(costs, ranges, plan)
     tensors = _device_params(costs, ranges, plan, "tensors")
+    fresh = (_device_params(costs, ranges, plan, lambda x: optimizer_fresh_bytes([x], plan)) if priced_fresh
+             else [0.0] * plan.pp)
     devices = [_Device(a["compute"], a["tp"], a["fwd"], a["bwd"], params[i], a["layers"], a["act"], a["work"],
-                       a["maxp"], tensors[i]) for i, a in enumerate(acc)]
+                       a["maxp"], tensors[i], fresh[i], a["fresh"] + fresh[i]) for i, a in enumerate(acc)]
     return devices, chunks
 
 
@@ -461,7 +483,8 @@ def estimate_from_costs(costs: list[LayerCost], ranges: list[range], profile: Mo
     dp_s = max(_dp_exposed_s(d, plan, cluster, opts, dp_inter) for d in devices)
     hbm = cluster.device.hbm_bytes_per_s * opts.memory_efficiency
     # every rank steps its optimizer at once: ranks sharing a device share it ([Note: ranks sharing a device])
-    optimizer_s = optimizer_step_s(plan, max(d.params for d in devices), hbm) * cluster.shared_slowdown
+    optimizer_s = max(optimizer_step_s(plan, d.params, hbm) + _fresh_s(d.optimizer_fresh_bytes, cluster)
+                      for d in devices) * cluster.shared_slowdown
     rest_s = pp_comm_s + dp_s + optimizer_s
     stages = []
     for rank, dev in enumerate(devices):
@@ -469,7 +492,7 @@ def estimate_from_costs(costs: list[LayerCost], ranges: list[range], profile: Mo
         stages.append(StageCost(
             rank=rank, chunks=tuple(range(rank, len(ranges), plan.pp)), layers=dev.layers,
             compute_s=dev.compute_s, tp_comm_s=dev.tp_s, memory_bytes=mem, peak_bytes=sum(mem.values()),
-            capacity_bytes=cluster.device.memory_bytes))
+            capacity_bytes=cluster.device.memory_bytes, fresh_page_bytes=dev.fresh_bytes))
     if prune_above is not None and (not all(st.fits for st in stages)
                                     or _pipeline_floor(devices, chunks, plan) + rest_s >= prune_above):
         return None  # cannot replace a plan that fits and is faster
