@@ -141,18 +141,19 @@ FSDP_GATHER_FRESH_BUFFERS = 3
 """Group-sized buffers one FSDP2 all-gather allocates on a CPU rank: FSDP2's flat gather output
 (``foreach_all_gather``), gloo's staging copy of it (``all_gather_into_tensor``, also with a preallocated
 output), and the unsharded parameters' storage the copy-out fills. Counted with torch.profiler and
-``getrusage`` minor faults on gloo, torch 2.13, GPT-2's 50 MiB root group: benchmarks/bench_fresh_pages.py."""
+``getrusage`` minor faults on gloo, torch 2.13, GPT-2's 50 MiB root group: benchmarks/bench_fresh_pages.py.
+The profiler sees a fourth group-sized allocation per gather whose pages are never touched (no faults)."""
 
 FSDP_REDUCE_FRESH_BUFFERS = 3
-"""The same for one FSDP2 reduce-scatter: the unsharded gradient, its ``chunk_cat`` into the flat input,
-and gloo's clone of that input (``reduce_scatter_tensor``). Same source."""
+"""The same for one FSDP2 reduce-scatter: its flat input, ``_chunk_cat``'s zero-padded staging of the
+gradients into it, and gloo's clone of that input (``reduce_scatter_tensor``); the unsharded gradients
+themselves are the backward matmuls' outputs. Same source."""
 
 LOSS_FRESH_TENSORS = (1, 2)
 """(forward, backward) fp32 logits-sized tensors transformers' loss allocates per micro-batch
 (``cross_entropy`` over the upcast logits): the log-softmax output; the NLL backward's gradient and the
-log-softmax backward's output;
-a 16-bit model's upcast copy is one more. The LM head's logits themselves come from a matmul, whose
-measured rate has them. Same source as ``FSDP_GATHER_FRESH_BUFFERS``."""
+log-softmax backward's output. A 16-bit model's upcast copy is one more. The LM head's logits themselves
+come from a matmul, whose measured rate has them. Same source as ``FSDP_GATHER_FRESH_BUFFERS``."""
 
 LOSS_PARALLEL_FRESH_TENSORS = (3, 4)
 """The same under tensor parallelism, where torch's ``loss_parallel()`` runs the vocab-sharded loss as

@@ -2,8 +2,8 @@
 
 [Note: fresh pages] On a CPU, glibc serves an allocation of ``FRESH_MAP_BYTES`` (32 MiB) or more from
 freshly mapped pages and unmaps them when the tensor is freed, so every such tensor faults its pages in
-(the kernel zeroes each one) on every call: on the development VM 2.7-2.9 GB/s on one core, slower than a
-copy by 10x. CUDA's caching allocator reuses its blocks: on a GPU nothing here is priced (the device's
+(the kernel zeroes each one) on every call: on the development VM 2.7-3.9 GB/s on one core, a tenth of a
+copy. CUDA's caching allocator reuses its blocks: on a GPU nothing here is priced (the device's
 ``fresh_page_bytes_per_s`` is 0 unless ``autopar calibrate`` measured a CPU's).
 
 What a measured kernel allocates is in its measured rate already: a matmul's output (``autopar calibrate``
@@ -15,7 +15,6 @@ for the layouts it runs):
 
 - the loss's logits-sized fp32 tensors (``LOSS_FRESH_TENSORS``, ``LOSS_PARALLEL_FRESH_TENSORS`` under
   TP's ``loss_parallel()``) once per micro-batch;
-
 - each FSDP2 all-gather of a group (``FSDP_GATHER_FRESH_BUFFERS`` group-sized buffers) and reduce-scatter
   (``FSDP_REDUCE_FRESH_BUFFERS``), as many times per step as the executor runs them
   (autopar.cost.data_parallel.dp_collectives_per_step); torch's DDP keeps its buckets and all-reduces in
