@@ -177,19 +177,28 @@ FRESH_PAGES_BYTES = 64 << 20
 (autopar.cost.constants.FRESH_MAP_BYTES), so that every allocation of it is mapped anew."""
 
 
+FRESH_PAGES_MIN_EXCESS = 0.1
+"""Least excess of a fresh allocation's fill over a preallocated one's, as a share of the latter, that
+counts as page faults. glibc's mapped pages make it about 10x on the development VM; an allocator that
+keeps its memory (jemalloc or tcmalloc through ``LD_PRELOAD``, or glibc with
+``GLIBC_TUNABLES=glibc.malloc.mmap_max=0``) leaves only timing noise, a few percent."""
+
+
 def fresh_pages_row(dtype: torch.dtype, device: torch.device) -> dict | None:
     """Bytes per second one rank alone maps in fresh pages (autopar.cost.fresh_pages [Note: fresh pages]):
     a :data:`FRESH_PAGES_BYTES` tensor allocated and filled, less the same fill into a preallocated one, so
     what is left is the page faults (and the unmapping on free). None on a GPU, whose caching allocator
-    reuses its blocks."""
+    reuses its blocks, and where the process's allocator reuses its memory (the excess is below
+    :data:`FRESH_PAGES_MIN_EXCESS`): nothing is mapped anew, nothing to price."""
     if device.type != "cpu":
         return None
     n = FRESH_PAGES_BYTES // torch.tensor([], dtype=dtype).element_size()
     out = torch.ones(n, dtype=dtype, device=device)
     filled = alone(lambda: out.fill_(1.0), device)
     fresh = alone(lambda: torch.empty(n, dtype=dtype, device=device).fill_(1.0), device)
-    return {"kernel": "fresh_pages", "bytes": FRESH_PAGES_BYTES,
-            "bytes_per_s": FRESH_PAGES_BYTES / max(fresh - filled, 1e-9)}
+    if fresh - filled <= FRESH_PAGES_MIN_EXCESS * filled:
+        return None
+    return {"kernel": "fresh_pages", "bytes": FRESH_PAGES_BYTES, "bytes_per_s": FRESH_PAGES_BYTES / (fresh - filled)}
 
 
 LOSS_VOCAB = 32768
