@@ -41,15 +41,6 @@ LAYOUTS = ["dp=4 mb=4 zero=0", "dp=4 mb=1 zero=3", "dp=4 mb=4 zero=3", "dp=2 tp=
 """The layouts of benchmarks/bench_predicted_vs_measured.py's table (the first: torch's DDP under the one
 line)."""
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
-PINS = {"mb": "micro_batch_size", "zero": "zero_stage"}
-
-
-def _pins(layout: str) -> dict:
-    out = {}
-    for item in layout.split():
-        key, _, value = item.partition("=")
-        out[PINS.get(key, key)] = int(value) if value.isdigit() else value
-    return out
 
 
 def _counted(step) -> tuple[float, float]:
@@ -85,12 +76,13 @@ def run_layout(layout: str, config: dict, cluster, batch: int, steps: int) -> di
     import transformers
 
     import autopar
+    from autopar.bench.layouts import parse_layout
     from autopar.cost.model import estimate
     from autopar.profile.analytic import profile_analytic
     from autopar.profile.config import arch_from_dict
 
     autopar.enable_advanced_parallelization(global_batch_size=batch, seq_len=128, precision="fp32", log_every=0,
-                                            **_pins(layout))
+                                            **parse_layout(layout))
     try:
         torch.manual_seed(0)
         hf = transformers.AutoConfig.for_model(config["model_type"],
@@ -132,6 +124,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    from autopar.bench.layouts import parse_layout
+    from autopar.errors import AutoparError
+
+    try:  # every layout checked before any rank starts
+        for layout in args.layout or LAYOUTS:
+            parse_layout(layout)
+    except AutoparError as err:
+        sys.exit(f"bench_fresh_pages: {err}")
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     config = {k: v for k, v in load_json_file(Path(args.model), "model config").items() if not k.startswith("_")}

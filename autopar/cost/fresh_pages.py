@@ -64,9 +64,10 @@ def chunk_fresh_bytes(layer_list, plan) -> tuple[float, float]:
         for x in layer_list:
             if x.tied_to in names:
                 continue  # one group with the weight it shares
-            fwd += C.FSDP_GATHER_FRESH_BUFFERS * _fresh(x.params * b.compute) * fwd_gathers / m
-            bwd += (C.FSDP_GATHER_FRESH_BUFFERS * _fresh(x.params * b.compute) * (gathers - fwd_gathers)
-                    + C.FSDP_REDUCE_FRESH_BUFFERS * _fresh(x.params * b.reduce) * reduces) / m
+            gathered = C.FSDP_GATHER_FRESH_BUFFERS * _fresh(x.params * b.compute)
+            fwd += gathered * fwd_gathers / m
+            bwd += (gathered * (gathers - fwd_gathers) + C.FSDP_REDUCE_FRESH_BUFFERS * _fresh(x.params * b.reduce)
+                    * reduces) / m
     return fwd, bwd
 
 
