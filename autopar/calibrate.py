@@ -35,11 +35,12 @@ from autopar.profile.types import ModelProfile, Recompute
 DEV_SET = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "megatron_sc21_table1.json"
 
 MEGATRON_2021 = CostOptions(overlap_dp_comm=False, pp_scatter_gather=True, dp_reduce_bytes=2, dp_reduce_calls=1,
-                            sp_regather=True, dp_flat_buffers=True)
+                            sp_regather=True, dp_flat_buffers=True, optimizer_fused=True)
 """The runtime of the development set's runs (see the module docstring; its DDP reduces one contiguous
 gradient buffer the gradients are views of, so no wrapper copies); under sequence parallelism
 Megatron-LM keeps the sequence shard of a linear's input and gathers it again in backward (Korthikanti
-et al. 2022 §4.2.2: Table 1's runs do not use it, development set 2's Megatron-LM rows do)."""
+et al. 2022 §4.2.2: Table 1's runs do not use it, development set 2's Megatron-LM rows do). Its ``--optimizer
+adam`` is apex's ``FusedAdam``, one kernel."""
 
 COMPOSER_FSDP = CostOptions(dp_backward_prefetch=False, dp_flat_buffers=True)
 """The FSDP runtime of development set 2's MPT rows: Composer's FSDP (torch FSDP1, FULL_SHARD) with its

@@ -92,6 +92,10 @@ class DeviceSpec:
     allocation of glibc's mmap size, each page zeroed on first touch), measured by ``autopar calibrate``'s
     ``fresh_pages`` row; 0 prices none (GPUs: CUDA's caching allocator reuses its blocks).
     autopar.cost.fresh_pages [Note: fresh pages] says which buffers pay it."""
+    optimizer_bytes_per_s: float = 0.0
+    """Measured rate of torch's AdamW step over the traffic the cost model counts for it
+    (autopar.cost.constants ``ADAMW_TORCH_ACCESSES``): ``autopar calibrate``'s ``adamw`` row; 0 prices it at
+    ``hbm_bytes_per_s`` like every memory-bound kernel."""
     measured_matmul: tuple[tuple[int, int, int, float], ...] = ()
     """Measured (M, K, N, FLOP/s) of single bf16 matmuls on this device; when present they replace the
     tile model (docs/clusters.md, "Measured kernels"; ``autopar explain --measure``, ``autopar calibrate``)."""
@@ -153,7 +157,9 @@ class ClusterSpec:
     """(across nodes, latency s, bytes/s) of one pipeline send of n bytes, every pair at once."""
     measured_overheads_s: tuple[tuple[str, float], ...] = ()
     """Fixed seconds per call, measured: ``op`` (an eager op), ``autograd_op`` (one recorded op and its
-    backward), ``module`` (an nn.Linear forward and backward), ``barrier``."""
+    backward), ``module`` (an nn.Linear forward and backward), ``barrier``, ``adamw_tensor`` and
+    ``adamw_dtensor`` (torch's AdamW step per plain or DTensor parameter tensor, beyond its traffic: priced
+    by the cost model's optimizer term)."""
     measured_layout_fixed: tuple[tuple[int, int, int, int, float, float], ...] = ()
     """(tp, dp, ZeRO stage, tokens, measured s, priced s) of one block's forward and backward per micro-batch
     of ``tokens`` (one sequence) in a tiny model of negligible compute under that layout, every rank at once
@@ -218,6 +224,10 @@ class ClusterSpec:
             if (m_op, m_group, m_inter) == (op, group, inter_node):
                 return latency, rate
         return None
+
+    def overhead_s(self, name: str) -> float:
+        """The measured fixed seconds per call of ``name`` (``measured_overheads_s``), 0 where unmeasured."""
+        return dict(self.measured_overheads_s).get(name, 0.0)
 
     def block_fixed_s(self, tp: int, dp: int, zero_stage: int, tokens: int) -> float:
         """Unpriced seconds of one block's forward and backward per micro-batch of ``tokens`` under (tp, dp,
@@ -346,7 +356,8 @@ def cluster_from_dict(data: dict, name: str = "custom") -> ClusterSpec:
     kernels = {k: dev[k] for k in ("sm_count", "matmul_ceiling", "attention_ceiling") if raw_device.get(k) is not None}
     for key, field_name, unit in (("loss_TBps", "loss_bytes_per_s", 1e12),
                                   ("loss_parallel_TBps", "loss_parallel_bytes_per_s", 1e12),
-                                  ("fresh_pages_GBps", "fresh_page_bytes_per_s", 1e9)):
+                                  ("fresh_pages_GBps", "fresh_page_bytes_per_s", 1e9),
+                                  ("optimizer_TBps", "optimizer_bytes_per_s", 1e12)):
         if raw_device.get(key) is not None:
             kernels[field_name] = dev[key] * unit
     device = DeviceSpec(
@@ -611,6 +622,8 @@ def cluster_to_dict(cluster: ClusterSpec, source: str = "") -> dict:
         device["loss_parallel_TBps"] = dev.loss_parallel_bytes_per_s / 1e12
     if dev.fresh_page_bytes_per_s:
         device["fresh_pages_GBps"] = dev.fresh_page_bytes_per_s / 1e9
+    if dev.optimizer_bytes_per_s:
+        device["optimizer_TBps"] = dev.optimizer_bytes_per_s / 1e12
     if dev.measured_matmul or dev.measured_attention:
         device["measured"] = measured_kernels_to_dict(dev, source)
     device["kind"] = dev.kind

@@ -555,6 +555,9 @@ CLUSTER_DEVICE: tuple[Field, ...] = (
               "1 PB/s: the vocab-parallel loss's measured rate under tensor parallelism (autopar calibrate)"),
     _positive("fresh_pages_GBps", 1e-6, 1e6,
               "1 PB/s: the rate a CPU rank maps in fresh pages, measured by autopar calibrate (absent: not priced)"),
+    _positive("optimizer_TBps", 1e-9, 1e3,
+              "1 PB/s: torch's AdamW step's measured rate over its counted traffic (autopar calibrate; absent: "
+              "hbm_TBps)"),
     Field(key="kind", kind="choice", choices=("gpu", "cpu"), default="gpu",
           why="a GPU, or a host's cores shared by gloo processes (autopar calibrate on a CPU)"),
 )

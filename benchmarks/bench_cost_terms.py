@@ -116,7 +116,9 @@ def main() -> None:
         opt_meas = best_of(opt.step)
         params = sum(q.numel() for q in model.parameters())
         plan_like = type("P", (), {"dp": 1, "zero_stage": 0, "precision": Precision.FP32})()
-        opt_pred = optimizer_step_s(plan_like, params, cluster.device.hbm_bytes_per_s * CostOptions().memory_efficiency)
+        rate = cluster.device.optimizer_bytes_per_s or cluster.device.hbm_bytes_per_s * CostOptions().memory_efficiency
+        tensors = sum(1 for _ in model.parameters())
+        opt_pred = optimizer_step_s(plan_like, params, rate, tensors, cluster.overhead_s("adamw_tensor"))
         print(f"{arch.name} AdamW step: predicted {opt_pred:.3f} s, measured {opt_meas:.3f} s "
               f"({opt_pred / opt_meas:.2f}x)")
         ratios = {k: statistics.median(r[f"predicted_{k}"] / r[f"measured_{k}"] for r in rows)

@@ -265,6 +265,39 @@ def test_the_cost_model_prices_a_calibrated_cluster_by_its_measurements():
             assert cost.step_time_s >= 2.2 * busy and cost.extras["sharing_s"] > 0
 
 
+def test_a_pipeline_on_shared_cores_runs_its_dag_at_the_shared_speeds():
+    """4 ranks on 2 cores, all computing 2.2x slower than one alone: a pipeline rank runs at its own rate
+    while no more of the node's ranks compute than there are cores, and at 4 / (2.2 b) with b busy beyond
+    ([Note: ranks sharing a device]); pp 2's stages each carry a dp peer. The estimate runs its DAG with
+    them, so a pipeline step is never shorter than at the alone rate, and a device per rank leaves it as it
+    was."""
+    import dataclasses
+
+    from autopar.cost.model import chunk_times, estimate, shared_speeds
+    from autopar.cost.pipeline import action_orders, simulate_shared, step_time
+    from autopar.plan.types import Schedule, StagePlan
+
+    cluster = _calibrated_cpu()
+    profile, flat = _tiny_gpt_plan(dp=1, tp=1, sequence_parallel=False, num_microbatches=4)
+    names = [n for n, _ in profile.flat_layers()]
+    quarters = tuple(StagePlan(index=i, layers=tuple(names[i * 2:(i + 1) * 2])) for i in range(4))
+    pp4 = dataclasses.replace(flat, pp=4, stages=quarters, micro_batch_size=2, num_microbatches=4)
+    halves = tuple(StagePlan(index=i, layers=tuple(names[i * 4:(i + 1) * 4])) for i in range(2))
+    dp2pp2 = dataclasses.replace(flat, dp=2, pp=2, stages=halves, num_microbatches=2)
+    assert shared_speeds(pp4, cluster) == pytest.approx((1.0, 1.0, 1.0, 4 / (2.2 * 3), 4 / (2.2 * 4)))
+    assert shared_speeds(dp2pp2, cluster) == pytest.approx((1.0, 1.0, 4 / (2.2 * 4)))
+    assert shared_speeds(flat, cluster) is None
+    alone = dataclasses.replace(cluster, shared_slowdown=1.0)
+    assert shared_speeds(pp4, alone) is None
+    fwd, bwd, _ = chunk_times(profile, cluster, pp4)
+    orders = action_orders(Schedule.ONE_F_ONE_B.value, 4, 1, 4)
+    dag = simulate_shared(orders, fwd, bwd, shared_speeds(pp4, cluster)).step_s
+    assert dag > step_time(orders, fwd, bwd)
+    cost = estimate(profile, cluster, pp4)
+    rest = cost.pp_comm_s + cost.dp_comm_s + cost.optimizer_s
+    assert cost.step_time_s == pytest.approx(dag + rest + cost.extras.get("sharing_s", 0.0))
+
+
 def _tiny_gpt_plan(**layout):
     """(profile, plan) of a 4-block GPT-2 of width 128 at 128 tokens, fp32 on CPU, one stage, micro-batches
     of 2 and a global batch of 8, with ``layout``'s dp, tp, micro-batch count and sequence parallelism."""

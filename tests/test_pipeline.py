@@ -23,6 +23,7 @@ from autopar.cost.pipeline import (
     peak_activation_bytes,
     peak_inflight,
     simulate,
+    simulate_shared,
     step_time,
 )
 from autopar.errors import AutoparError
@@ -293,6 +294,45 @@ def test_deadlocking_and_malformed_orders_are_rejected():
         simulate(action_orders("1f1b", 2, 1, 2), [1, 1], [1])
     with pytest.raises(AutoparError, match="one per boundary"):
         simulate(action_orders("1f1b", 2, 1, 2), [1, 1], [1, 1], [0.1, 0.1])
+
+
+def test_shared_speeds_of_one_are_the_longest_path():
+    """With a device per rank (every speed 1) the processor-sharing run is the sweep's longest path."""
+    rng = random.Random(5)
+    for _ in range(40):
+        orders, fwd, bwd, p2p = _random_case(rng)
+        shared = simulate_shared(orders, fwd, bwd, [1.0] * (len(orders) + 1), p2p)
+        assert shared.step_s == pytest.approx(step_time(orders, fwd, bwd, p2p), rel=1e-9)
+        assert sorted(shared.busy_s()) == pytest.approx(sorted(simulate(orders, fwd, bwd, p2p).busy_s()))
+
+
+def test_shared_speeds_hand_worked_gpipe():
+    """GPipe, pp 2, m 2, forward and backward 1 each, two ranks at once at half speed: F(0,0) alone 0-1;
+    F(0,1) with F(1,0) 1-3; F(1,1) alone 3-4; B(1,0) alone 4-5; B(0,0) with B(1,1) 5-7; B(0,1) alone 7-8.
+    A device each: (m + p - 1)(f + b) = 6."""
+    orders = action_orders("gpipe", 2, 1, 2)
+    timeline = simulate_shared(orders, [1, 1], [1, 1], [1.0, 1.0, 0.5])
+    assert timeline.step_s == pytest.approx(8.0)
+    spans = {(t.kind, t.chunk, t.microbatch): (t.start_s, t.end_s) for t in timeline.tasks}
+    assert spans[("F", 0, 1)] == pytest.approx((1, 3)) and spans[("B", 0, 0)] == pytest.approx((5, 7))
+    assert simulate_shared(orders, [1, 1], [1, 1], [1.0, 1.0, 1.0]).step_s == pytest.approx(6.0)
+
+
+def test_shared_speeds_never_shorten_a_step_and_bad_speeds_are_refused():
+    rng = random.Random(6)
+    for _ in range(30):
+        orders, fwd, bwd, p2p = _random_case(rng)
+        pp = len(orders)
+        speeds = [1.0] + [min(1.0, 2 / k) for k in range(1, pp + 1)]
+        assert simulate_shared(orders, fwd, bwd, speeds, p2p).step_s >= step_time(orders, fwd, bwd, p2p) - 1e-9
+    orders = action_orders("1f1b", 2, 1, 2)
+    for bad in ([1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 1.5, 1.0]):
+        with pytest.raises(AutoparError, match="speeds"):
+            simulate_shared(orders, [1, 1], [1, 1], bad)
+    cycle = [[Action("F", 0, 0), Action("B", 0, 0), Action("F", 0, 1), Action("B", 0, 1)],
+             [Action("F", 1, 1), Action("F", 1, 0), Action("B", 1, 0), Action("B", 1, 1)]]
+    with pytest.raises(AutoparError, match="deadlocks"):
+        simulate_shared(cycle, [1, 1], [1, 1], [1.0, 1.0, 1.0])
 
 
 def test_step_time_is_fast_for_a_large_pipeline():

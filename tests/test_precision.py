@@ -78,12 +78,20 @@ def test_sixteen_bytes_for_fp32_and_bf16_mixed_eight_for_bf16():
     held = {p: C.PRECISION_BYTES[p] for p in Precision}
     assert {p: b.weights + b.grads + b.optimizer for p, b in held.items()} == {
         Precision.FP32: 16, Precision.BF16: 8, Precision.BF16_MIXED: 16}
-    # AdamW's traffic: read+write weight and both moments, read the gradient.
-    assert C.optimizer_traffic_bytes(Precision.FP32) == 2 * (4 + 8) + 4 == 28
-    assert C.optimizer_traffic_bytes(Precision.BF16) == 2 * (2 + 4) + 2 == 14
-    # 1e9 parameters over dp 4 under ZeRO 2 at 1 TB/s: 0.25e9 x 28 B / 1e12 B/s = 7 ms; ZeRO 0 steps all 1e9.
-    assert optimizer_step_s(_plan(dp=4, zero=2), 1e9, 1e12) == pytest.approx(7e-3)
-    assert optimizer_step_s(_plan(dp=4, zero=0), 1e9, 1e12) == pytest.approx(28e-3)
+    # A fused AdamW kernel: read+write weight and both moments, read the gradient.
+    assert C.optimizer_traffic_bytes(Precision.FP32, fused=True) == 2 * (4 + 8) + 4 == 28
+    assert C.optimizer_traffic_bytes(Precision.BF16, fused=True) == 2 * (2 + 4) + 2 == 14
+    # torch's AdamW(params), unfused: weight 4 accesses (mul_, addcdiv_), gradient 2 (lerp_, addcmul_),
+    # exp_avg 3 (lerp_, addcdiv_), exp_avg_sq 5 (mul_, addcmul_, sqrt), the denominator 6 (sqrt, div, add_,
+    # addcdiv_): 20 accesses of 4 bytes (2 under pure bf16).
+    assert C.optimizer_traffic_bytes(Precision.FP32) == 20 * 4 == 80
+    assert C.optimizer_traffic_bytes(Precision.BF16_MIXED) == 80
+    assert C.optimizer_traffic_bytes(Precision.BF16) == 20 * 2 == 40
+    # 1e9 parameters over dp 4 under ZeRO 2 at 1 TB/s: 0.25e9 x 28 B / 1e12 B/s = 7 ms fused; ZeRO 0 steps
+    # all 1e9; torch's 80 B at 20 ms, plus 10 us for each of 100 tensors: 21 ms.
+    assert optimizer_step_s(_plan(dp=4, zero=2), 1e9, 1e12, fused=True) == pytest.approx(7e-3)
+    assert optimizer_step_s(_plan(dp=4, zero=0), 1e9, 1e12, fused=True) == pytest.approx(28e-3)
+    assert optimizer_step_s(_plan(dp=4, zero=2), 1e9, 1e12, 100, 1e-5) == pytest.approx(21e-3)
 
 
 # --- data-parallel communication ---------------------------------------------------------------------

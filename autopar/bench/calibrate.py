@@ -57,9 +57,10 @@ def _fits(rows: list[dict], key) -> list[tuple]:
 
 LOSS_KERNELS = ("cross_entropy", "loss_parallel")
 """The loss's kernels (priced at their own rates), left out of the element-wise bandwidth."""
-OWN_RATE_ROWS = (*LOSS_KERNELS, "fresh_pages")
-"""Rows of the element-wise table priced at their own rates: the loss's kernels and a CPU's fresh pages
-(``device.fresh_pages_GBps``, autopar.cost.fresh_pages)."""
+OWN_RATE_ROWS = (*LOSS_KERNELS, "fresh_pages", "adamw")
+"""Rows of the element-wise table priced at their own rates: the loss's kernels, a CPU's fresh pages
+(``device.fresh_pages_GBps``, autopar.cost.fresh_pages) and torch's AdamW step (``device.optimizer_TBps``,
+its per-tensor costs in ``measured.overheads_us``)."""
 
 
 def shared_slowdown(sharing: dict) -> float:
@@ -93,6 +94,7 @@ def cluster_json(raw: dict, command: str) -> dict:
         **{key: rates[kernel] / 1e12 for key, kernel in (("loss_TBps", "cross_entropy"),
                                                          ("loss_parallel_TBps", "loss_parallel")) if kernel in rates},
         **({"fresh_pages_GBps": rates["fresh_pages"] / 1e9} if "fresh_pages" in rates else {}),
+        **({"optimizer_TBps": rates["adamw"] / 1e12} if "adamw" in rates else {}),
         "measured": {"source": calibration,
                      "matmul": [[r["m"], r["k"], r["n"], r["flops_per_s"] / 1e12] for r in gemm],
                      "attention": [[r["seq_len"], r["head_dim"], *([r["batch_heads"]] if "batch_heads" in r else []),
@@ -109,7 +111,8 @@ def cluster_json(raw: dict, command: str) -> dict:
             "comm_overlap": raw.get("overlap", {}).get("comm_overlap", 1.0), "overlap_timings": raw.get("overlap"),
             "collectives": [[op, g, inter, lat * 1e6, bw / 1e9] for op, g, inter, lat, bw in colls],
             "p2p": [[inter, lat * 1e6, bw / 1e9] for inter, lat, bw in p2p],
-            "overheads_us": {k.removesuffix("_s"): v * 1e6 for k, v in raw["overheads"].items()},
+            "overheads_us": {k.removesuffix("_s"): v * 1e6
+                             for k, v in {**raw["overheads"], **_optimizer_overheads(raw)}.items()},
             "elementwise_GBps": {k["kernel"]: k["bytes_per_s"] / 1e9 for k in raw["elementwise"]},
             "runtime_memory_gib": raw["runtime_memory_bytes"] / GIB,
             "blocks": [_block_table(b) for b in raw.get("blocks", [])],
@@ -121,6 +124,13 @@ def cluster_json(raw: dict, command: str) -> dict:
         raw.get("layout_fixed", []), data)
     data["measured"]["pipeline_fixed"] = price_pipeline_fixed(raw.get("pipeline_fixed", []), data)
     return data
+
+
+def _optimizer_overheads(raw: dict) -> dict[str, float]:
+    """``adamw_tensor_s`` and ``adamw_dtensor_s`` from the worker's ``adamw`` row (its per-tensor costs), where
+    measured."""
+    row = next((k for k in raw["elementwise"] if k["kernel"] == "adamw"), {})
+    return {f"adamw_{kind}_s": row[f"{kind}_s"] for kind in ("tensor", "dtensor") if row.get(f"{kind}_s") is not None}
 
 
 def price_tiny_models(rows: list[dict], data: dict) -> tuple[list[list[float]], list[list[float]]]:
@@ -259,6 +269,8 @@ def print_summary(data: dict, out: Path) -> None:
             t.add_row(f"{what}, GB/s of the counted traffic", f"{dev[key] * 1e3:.2f}")
     if dev.get("fresh_pages_GBps"):
         t.add_row("fresh pages mapped in (page faults), GB/s", f"{dev['fresh_pages_GBps']:.2f}")
+    if dev.get("optimizer_TBps"):
+        t.add_row("torch's AdamW step, GB/s of the counted traffic", f"{dev['optimizer_TBps'] * 1e3:.2f}")
     t.add_row("ranks per core/device (counted) | slowdown when all compute (measured)",
               f"{m['ranks_per_device']:.2f} | {m['shared_slowdown']:.2f}")
     t.add_row("communication hidden behind compute (measured)", f"{m['comm_overlap']:.0%}")

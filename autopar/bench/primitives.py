@@ -168,7 +168,8 @@ def elementwise_rows(dtype: torch.dtype, device: torch.device) -> list[dict]:
     }
     rows = [{"kernel": name, "bytes": moved, "bytes_per_s": moved / alone(fn, device)}
             for name, (fn, moved) in kernels.items()]
-    own = [cross_entropy_row(dtype, device), loss_parallel_row(dtype, device), fresh_pages_row(dtype, device)]
+    own = [cross_entropy_row(dtype, device), loss_parallel_row(dtype, device), fresh_pages_row(dtype, device),
+           optimizer_row(dtype, device)]
     return rows + [row for row in own if row]
 
 
@@ -200,6 +201,67 @@ def fresh_pages_row(dtype: torch.dtype, device: torch.device) -> dict | None:
     if fresh - filled <= FRESH_PAGES_MIN_EXCESS * filled:
         return None
     return {"kernel": "fresh_pages", "bytes": FRESH_PAGES_BYTES, "bytes_per_s": FRESH_PAGES_BYTES / (fresh - filled)}
+
+
+OPTIMIZER_LARGE_TENSORS = 32
+"""Tensors of :func:`optimizer_row`'s large timing, together :func:`elementwise_bytes` (512 KiB each on a
+CPU: a small model's weight matrix; an eighth of the L2 cache each on a GPU, streamed together by each
+foreach op): the rate per element. On a CPU each tensor's temporaries stay below the sizes glibc maps and
+unmaps anew: at 4 MiB each, 40 of the 64 MiB of temporaries a step faulted in (2026-12-01), and the rate
+swung between 16 and 56 GB/s with the allocator's state; a model's larger tensors' faults are priced apart
+(autopar.cost.fresh_pages)."""
+OPTIMIZER_SMALL = (64, 256)
+"""(tensors, elements each) of its small timing: a model's biases and norms, where the call per tensor is
+the cost."""
+
+
+def optimizer_row(dtype: torch.dtype, device: torch.device) -> dict:
+    """torch.optim.AdamW's step as a user's loop builds it (``AdamW(params)``: foreach on a GPU, a loop over
+    tensors on a CPU), rank 0 alone, fitted as ``tensors x tensor_s + elements x element_s`` through a
+    :data:`OPTIMIZER_SMALL` and an :data:`OPTIMIZER_LARGE_TENSORS` timing:
+
+    - ``bytes_per_s``: the counted traffic of its unfused ops (autopar.cost.constants
+      ``ADAMW_TORCH_ACCESSES``, ``dtype``'s bytes) over ``element_s``: the cost model's rate for it;
+    - ``tensor_s``: the fixed seconds per plain parameter tensor (the Python loop and its ops' dispatch);
+    - ``dtensor_s``: the same for DTensor parameters (FSDP2's and tensor parallelism's: every op goes
+      through DTensor's dispatch), over a one-rank mesh on rank 0 (element-wise ops do not communicate);
+      None without a process group."""
+    from autopar.cost.constants import optimizer_traffic_bytes
+    from autopar.plan.types import Precision
+
+    e = torch.tensor([], dtype=dtype).element_size()
+    large = (OPTIMIZER_LARGE_TENSORS, elementwise_bytes(device) // (OPTIMIZER_LARGE_TENSORS * e))
+    group = dist.new_group([0]) if dist.is_initialized() else None  # every rank creates it; only rank 0 is in it
+
+    def timing(tensors: int, elements: int, dtensor: bool) -> float:
+        step = lambda: None  # noqa: E731 (ranks other than 0 only wait)
+        if _rank() == 0:
+            params = [torch.nn.Parameter(torch.randn(elements, dtype=dtype, device=device)) for _ in range(tensors)]
+            if dtensor:
+                from torch.distributed.device_mesh import DeviceMesh
+                from torch.distributed.tensor import DTensor, Shard
+
+                mesh = DeviceMesh.from_group(group, device.type)
+                params = [torch.nn.Parameter(DTensor.from_local(p.data, mesh, [Shard(0)], run_check=False))
+                          for p in params]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            step = torch.optim.AdamW(params).step
+        return alone(step, device)
+
+    def fit(dtensor: bool) -> tuple[float, float]:
+        (ns, es), (nl, el) = OPTIMIZER_SMALL, large
+        ts, tl = timing(ns, es, dtensor), timing(nl, el, dtensor)
+        det = ns * nl * el - nl * ns * es  # of [[ns, ns es], [nl, nl el]]
+        tensor_s = (ts * nl * el - tl * ns * es) / det
+        element_s = (ns * tl - nl * ts) / det
+        return max(0.0, tensor_s), element_s
+
+    tensor_s, element_s = fit(False)
+    precision = Precision.BF16 if dtype == torch.bfloat16 else Precision.FP32
+    return {"kernel": "adamw", "bytes": optimizer_traffic_bytes(precision) * large[0] * large[1],
+            "bytes_per_s": optimizer_traffic_bytes(precision) / element_s, "tensor_s": tensor_s,
+            "dtensor_s": fit(True)[0] if group is not None else None}
 
 
 LOSS_VOCAB = 32768

@@ -88,12 +88,32 @@ PRECISION_BYTES = {
 """[Note: precision], per precision."""
 
 
-def optimizer_traffic_bytes(precision: Precision) -> int:
-    """Bytes the AdamW step moves per parameter: read and write the weight and the two moments, read the
-    gradient (memory-bound, so the step takes this over the achieved HBM bandwidth). fp32 and bf16_mixed:
-    2 x (4 + 8) + 4 = 28; bf16: 2 x (2 + 4) + 2 = 14."""
+ADAMW_FUSED_ACCESSES = {"weights": 2, "grads": 1, "exp_avg": 2, "exp_avg_sq": 2, "temporary": 0}
+"""Reads and writes per parameter element of each tensor in a fused AdamW kernel (apex ``FusedAdam``, the
+optimizer of Megatron-LM's runs; torch's ``fused=True``): read and write the weight and the two moments,
+read the gradient, nothing in between."""
+
+ADAMW_TORCH_ACCESSES = {"weights": 4, "grads": 2, "exp_avg": 3, "exp_avg_sq": 5, "temporary": 6}
+"""The same for ``torch.optim.AdamW(model.parameters())`` as a user's loop builds it (foreach on CUDA
+tensors, a loop over tensors on CPU ones; both run the same unfused ops, torch/optim/adam.py
+``_multi_tensor_adam`` and ``_single_tensor_adam``, torch 2.13): the weight decay ``param.mul_`` (read,
+write) and ``param.addcdiv_`` (read, write); the gradient read by ``exp_avg.lerp_`` and
+``exp_avg_sq.addcmul_``; ``exp_avg`` read and written by ``lerp_``, read by ``addcdiv_``; ``exp_avg_sq`` read
+and written by ``mul_`` and by ``addcmul_``, read by ``sqrt``; the denominator, a temporary in
+``exp_avg_sq``'s dtype, written by ``sqrt``, read and written by the division and by ``add_(eps)``, read by
+``addcdiv_``. 20 accesses: 80 bytes an fp32 parameter, against a fused kernel's 28."""
+
+
+def optimizer_traffic_bytes(precision: Precision, fused: bool = False) -> int:
+    """Bytes the AdamW step moves per parameter (memory-bound, so the step takes this over the achieved
+    bandwidth): :data:`ADAMW_TORCH_ACCESSES` (``fused``: :data:`ADAMW_FUSED_ACCESSES`) of each tensor's
+    element. torch's: fp32 and bf16_mixed 4 x 4 + 2 x 4 + 3 x 4 + 5 x 4 + 6 x 4 = 80, bf16 40; fused: 28
+    and 14."""
     b = PRECISION_BYTES[precision]
-    return 2 * (b.weights + b.optimizer) + b.grads
+    size = {"weights": b.weights, "grads": b.grads, "exp_avg": b.optimizer // 2, "exp_avg_sq": b.optimizer // 2,
+            "temporary": b.optimizer // 2}
+    accesses = ADAMW_FUSED_ACCESSES if fused else ADAMW_TORCH_ACCESSES
+    return sum(n * size[role] for role, n in accesses.items())
 
 
 OPTIMIZER_STEP_BYTES = 4

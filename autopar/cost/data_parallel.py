@@ -220,7 +220,18 @@ def dp_copy_bytes(layout, params: float) -> tuple[float, float]:
     return fwd_gathers * gather / m, ((gathers - fwd_gathers) * gather + reduces * reduce) / m
 
 
-def optimizer_step_s(layout, params: float, hbm_bytes_per_s: float) -> float:
-    """The AdamW step over a device's share of ``params`` (sharded over dp under ZeRO 2 and 3)."""
+def dtensor_params(layout) -> bool:
+    """Are the parameters the optimizer steps DTensors ([Note: ZeRO stages as run])? Under tensor
+    parallelism, replicate and FSDP2 they are (every op of the step goes through DTensor's dispatch); under
+    DDP or no wrapper, plain tensors."""
+    return layout.tp > 1 or dp_wrapper(layout) in (Wrapper.REPLICATE, Wrapper.FULLY_SHARD)
+
+
+def optimizer_step_s(layout, params: float, bytes_per_s: float, tensors: float = 0.0, tensor_s: float = 0.0,
+                     fused: bool = False) -> float:
+    """The AdamW step over a device's share of ``params`` (sharded over dp under ZeRO 2 and 3) held in
+    ``tensors`` parameter tensors: its traffic (autopar.cost.constants.optimizer_traffic_bytes: torch's
+    unfused ops, or a ``fused`` kernel's) at ``bytes_per_s``, plus ``tensor_s`` per tensor (the measured call
+    and dispatch cost of a tensor's ops, ``autopar calibrate``'s ``adamw`` row; 0 where unmeasured)."""
     shard = layout.dp if executed_zero_stage(layout) >= 2 else 1
-    return params / shard * C.optimizer_traffic_bytes(layout.precision) / hbm_bytes_per_s
+    return params / shard * C.optimizer_traffic_bytes(layout.precision, fused) / bytes_per_s + tensors * tensor_s

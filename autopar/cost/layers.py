@@ -61,6 +61,10 @@ class CostOptions:
     """The data-parallel wrapper communicates from flat buffers its parameters and gradients are views of
     (FSDP1, Megatron-LM): no copies; False: FSDP2 and replicate copy into and out of their buffers, as
     autopar runs them (autopar.cost.data_parallel [Note: wrapper copies])."""
+    optimizer_fused: bool = False
+    """The optimizer is one fused AdamW kernel (apex ``FusedAdam``: Megatron-LM's runs); False: torch's
+    ``AdamW(params)`` as the user's loop builds it, unfused (autopar.cost.constants
+    ``ADAMW_TORCH_ACCESSES``)."""
     sp_regather: bool = False
     """Sequence parallelism keeps the sequence shard of a column-parallel linear's input and all-gathers
     it again in backward, overlapped with the weight-gradient matmul (Megatron-LM; Korthikanti et al. 2022

@@ -32,6 +32,7 @@ from autopar.cost.data_parallel import (
     dp_exposed_s,
     dp_layer_bytes_per_param,
     dp_wrapper,
+    dtensor_params,
     executed_zero_stage,
     optimizer_step_s,
 )
@@ -380,8 +381,20 @@ def _dp_exposed_s(dev: _Device, plan: Plan, cluster: ClusterSpec, opts: CostOpti
     return cluster.comm_overlap * hidden + (1.0 - cluster.comm_overlap) * exposed(False)
 
 
-def _pipeline_s(devices: list[_Device], chunks: list[tuple[float, float, float]], plan: Plan) -> tuple[float, int]:
-    """(pipeline time without sends, bottleneck rank): see [Note: step time]."""
+def _optimizer_s(dev: _Device, plan: Plan, cluster: ClusterSpec, opts: CostOptions) -> float:
+    """One device's AdamW step: its traffic at the measured rate (else the achieved HBM bandwidth), the
+    measured cost per parameter tensor (plain or DTensor, as the executor holds them), and on a CPU the
+    temporaries it maps in fresh."""
+    rate = cluster.device.optimizer_bytes_per_s or cluster.device.hbm_bytes_per_s * opts.memory_efficiency
+    per_tensor = cluster.overhead_s("adamw_dtensor" if dtensor_params(plan) else "adamw_tensor")
+    return (optimizer_step_s(plan, dev.params, rate, dev.tensors, per_tensor, opts.optimizer_fused)
+            + _fresh_s(dev.optimizer_fresh_bytes, cluster))
+
+
+def _pipeline_s(devices: list[_Device], chunks: list[tuple[float, float, float]], plan: Plan,
+                cluster: ClusterSpec) -> tuple[float, int]:
+    """(pipeline time without sends, bottleneck rank): see [Note: step time]; on ranks that share their
+    devices, the DAG run with the shared speeds ([Note: ranks sharing a device])."""
     per_mb = [d.compute_s + d.tp_s for d in devices]
     worst = max(range(plan.pp), key=lambda i: (per_mb[i], -i))
     if plan.pp == 1:
@@ -391,7 +404,11 @@ def _pipeline_s(devices: list[_Device], chunks: list[tuple[float, float, float]]
     scale = max(max(c[0], c[1]) for c in chunks) or 1.0
     fwd = tuple(round(c[0] / scale, 12) for c in chunks)
     bwd = tuple(round(c[1] / scale, 12) for c in chunks)
-    step = pipeline_step_s(plan.schedule, fwd, bwd, plan.pp, plan.virtual_stages, plan.num_microbatches)
+    speeds = shared_speeds(plan, cluster)
+    if speeds:
+        step = _simulate_shared(plan.schedule, fwd, bwd, plan.pp, plan.virtual_stages, plan.num_microbatches, speeds)
+    else:
+        step = pipeline_step_s(plan.schedule, fwd, bwd, plan.pp, plan.virtual_stages, plan.num_microbatches)
     return scale * step, worst
 
 
@@ -453,6 +470,28 @@ def _simulate(schedule: Schedule, fwd: tuple[float, ...], bwd: tuple[float, ...]
     return simulate(_orders(schedule, pp, v, m), fwd, bwd, 0.0, trusted_microbatches=m).step_s
 
 
+@lru_cache(maxsize=8192)
+def _simulate_shared(schedule: Schedule, fwd: tuple[float, ...], bwd: tuple[float, ...], pp: int, v: int, m: int,
+                     speeds: tuple[float, ...]) -> float:
+    from autopar.cost.pipeline import simulate_shared
+
+    return simulate_shared(_orders(schedule, pp, v, m), fwd, bwd, speeds, trusted_microbatches=m).step_s
+
+
+def shared_speeds(plan: Plan, cluster: ClusterSpec) -> tuple[float, ...] | None:
+    """The speed of a pipeline rank while k of ``plan``'s pp compute at once, for k = 0..pp, on ranks that
+    share their devices ([Note: ranks sharing a device]); None where they do not, or without a pipeline."""
+    if plan.pp == 1 or cluster.shared_slowdown <= 1.0:
+        return None
+    ranks = min(cluster.gpus_per_node, plan.dp * plan.tp * plan.pp)  # a node's ranks in the plan
+    units = cluster.gpus_per_node / max(1.0, cluster.ranks_per_device)  # its cores or devices
+    speeds = [1.0]
+    for k in range(1, plan.pp + 1):
+        busy = k * ranks / plan.pp  # each pipeline rank's dp x tp peers compute with it
+        speeds.append(1.0 if busy <= units else min(1.0, ranks / (cluster.shared_slowdown * busy)))
+    return tuple(speeds)
+
+
 @lru_cache(maxsize=256)
 def _orders(schedule: Schedule, pp: int, v: int, m: int):
     from autopar.cost.pipeline import action_orders
@@ -481,10 +520,8 @@ def estimate_from_costs(costs: list[LayerCost], ranges: list[range], profile: Mo
         sends = m * plan.virtual_stages + plan.pp - 1
         pp_comm_s = 2 * sends * send_s(boundary, pp_inter, cluster, opts.p2p_efficiency)
     dp_s = max(_dp_exposed_s(d, plan, cluster, opts, dp_inter) for d in devices)
-    hbm = cluster.device.hbm_bytes_per_s * opts.memory_efficiency
     # every rank steps its optimizer at once: ranks sharing a device share it ([Note: ranks sharing a device])
-    optimizer_s = max(optimizer_step_s(plan, d.params, hbm) + _fresh_s(d.optimizer_fresh_bytes, cluster)
-                      for d in devices) * cluster.shared_slowdown
+    optimizer_s = max(_optimizer_s(d, plan, cluster, opts) for d in devices) * cluster.shared_slowdown
     rest_s = pp_comm_s + dp_s + optimizer_s
     stages = []
     for rank, dev in enumerate(devices):
@@ -496,7 +533,7 @@ def estimate_from_costs(costs: list[LayerCost], ranges: list[range], profile: Mo
     if prune_above is not None and (not all(st.fits for st in stages)
                                     or _pipeline_floor(devices, chunks, plan) + rest_s >= prune_above):
         return None  # cannot replace a plan that fits and is faster
-    pipe_s, worst = _pipeline_s(devices, chunks, plan)
+    pipe_s, worst = _pipeline_s(devices, chunks, plan, cluster)
     sharing_s = max(0.0, _shared_pipeline_s(devices, plan, cluster) - pipe_s)
     cost = _summary(profile, plan, cluster, pipe_s + sharing_s + rest_s, pipe_s, worst, devices, pp_comm_s,
                     dp_s, optimizer_s, stages)
@@ -506,16 +543,24 @@ def estimate_from_costs(costs: list[LayerCost], ranges: list[range], profile: Mo
 
 
 # [Note: ranks sharing a device] Where several ranks share one device (gloo processes on a host's cores:
-# ``ClusterSpec.ranks_per_device`` > 1) a rank computes at the device's own rate only while the others
-# wait; when all compute at once each is ``ClusterSpec.shared_slowdown`` times slower (measured by
-# ``autopar calibrate``, whose kernel rates are one rank's alone). So the pipeline, priced at the alone
-# rates, cannot finish before the node's ranks have done their compute at the shared rate:
+# ``ClusterSpec.ranks_per_device`` > 1) a rank computes at the device's own rate only while no more ranks
+# compute than there are cores; when all N ranks of a node compute at once each is S =
+# ``ClusterSpec.shared_slowdown`` times slower (measured by ``autopar calibrate``, whose kernel rates are
+# one rank's alone: about 2.1 for 4 ranks on 2 cores, time-slicing plus what sharing costs caches). In
+# between, b busy ranks on the node's U cores time-slice them: each runs at N / (S b) of its own rate
+# (N / (S N) = 1 / S with all busy), or at its own rate while b <= U (two ranks on the development VM's two
+# cores ran a matmul loop at the alone rate, 2026-12-01). A pipeline keeps only some of its ranks busy: its
+# warm-up and drain, or one micro-batch passing the stages in turn, run few ranks, its steady state all.
+# So the pipeline's DAG is run with those speeds (autopar.cost.pipeline.simulate_shared, k of pp pipeline
+# ranks busy meaning k / pp of the node's ranks with their data- and tensor-parallel peers:
+# :func:`shared_speeds`). A layout without a pipeline keeps every rank busy, and every step of any layout
+# cannot end before the node's ranks have done their compute at the shared rate:
 #     step >= m (shared_slowdown x mean_r compute_r + mean_r tp_r)
-# over the pipeline ranks r (data- and tensor-parallel peers do the same work); a data-parallel step
-# (every rank busy throughout) takes that bound, a pipeline whose bottleneck rank runs while the others
-# idle takes its DAG at the alone rate. Collectives and sends are measured with every group busy at
-# once, so they carry the sharing already. With a device per rank (shared_slowdown 1) the bound is the
-# mean rank's busy time, never above the DAG.
+# over the pipeline ranks r. Collectives and sends are measured with every group busy at once, so they
+# carry the sharing already. With a device per rank (shared_slowdown 1) nothing changes: the speeds are 1
+# and the bound is the mean rank's busy time, never above the DAG. On the development VM the DAG with
+# shared speeds took the example's pp 4 from 0.72-0.77 of its measured step (the DAG at the alone rate,
+# the bound below it) to 0.80-0.87 (benchmark records of 2026-12-01 j and k, re-priced).
 
 
 def _shared_pipeline_s(devices: list[_Device], plan: Plan, cluster: ClusterSpec) -> float:

@@ -322,6 +322,83 @@ def simulate(orders: Sequence[Sequence[Action]], fwd_s: Sequence[float], bwd_s: 
     return Timeline(tasks=spans, step_s=max(clock), num_ranks=len(orders))
 
 
+def simulate_shared(orders: Sequence[Sequence[Action]], fwd_s: Sequence[float], bwd_s: Sequence[float],
+                    speeds: Sequence[float], p2p_s: float | Sequence[float] = 0.0, *,
+                    trusted_microbatches: int | None = None) -> Timeline:
+    """The step DAG of :func:`simulate` on ranks that share their devices (processor sharing).
+
+    A task's duration is its work at one rank's own rate; while ``k`` pipeline ranks compute at once each
+    advances at ``speeds[k]`` of it (``speeds[0]`` unused; 1 where the ranks have a device each, below 1
+    where they time-slice cores: autopar.cost.model [Note: ranks sharing a device]). So a pipeline's
+    warm-up and drain, where few ranks run, go at the rank's own rate, and its steady state at the shared
+    one. Event-driven: every task starts when its rank is free and its inputs have arrived (input end +
+    transfer), and time advances to the next start or end; O(tasks x pp). With every speed 1 it is
+    :func:`simulate`'s longest path (tests/test_pipeline.py).
+
+    Raises:
+        AutoparError: malformed orders or speeds, or orders that deadlock.
+    """
+    _durations(fwd_s, bwd_s)
+    pp, n = len(orders), len(fwd_s)
+    if len(speeds) != pp + 1 or any(not 0 < s <= 1 for s in speeds[1:]):
+        raise AutoparError(f"{len(speeds)} speeds for {pp} pipeline ranks: need pp + 1 values, each of "
+                           "speeds[1:] in (0, 1]")
+    m = trusted_microbatches or _check_orders(orders, n)
+    hop = _hop_s(p2p_s, n, pp)
+    ends: list[float | None] = [None] * (2 * n * m)  # as in simulate
+    ptr = [0] * pp
+    running: dict[int, list] = {}  # rank -> [key, work left, start, action]
+    spans: list[TaskSpan] = []
+    now = 0.0
+
+    def arrival(rank: int) -> float | None:
+        """When the inputs of the rank's next task are all there (None: one is not computed yet)."""
+        a = orders[rank][ptr[rank]]
+        c, i = a.chunk, a.microbatch
+        if a.kind == "F":  # F(c, i) needs F(c-1, i); B(c, i) needs F(c, i) and B(c+1, i)
+            deps = [((c - 1) * m + i, hop[c - 1])] if c else []
+        else:
+            deps = [(c * m + i, 0.0)] + ([((n + c + 1) * m + i, hop[c])] if c < n - 1 else [])
+        t = 0.0
+        for key, transfer in deps:
+            if ends[key] is None:
+                return None
+            t = max(t, ends[key] + transfer)
+        return t
+
+    while True:
+        waits = []
+        for rank in range(pp):
+            if rank in running or ptr[rank] >= len(orders[rank]):
+                continue
+            t = arrival(rank)
+            if t is not None and t <= now:
+                a = orders[rank][ptr[rank]]
+                key = (a.chunk if a.kind == "F" else n + a.chunk) * m + a.microbatch
+                running[rank] = [key, fwd_s[a.chunk] if a.kind == "F" else bwd_s[a.chunk], now, a]
+            elif t is not None:
+                waits.append(t)
+        if not running and not waits:
+            break
+        speed = speeds[len(running)] if running else 1.0
+        step = min([left / speed for _, left, _, _ in running.values()] + [t - now for t in waits])
+        now += step
+        for rank, task in list(running.items()):
+            task[1] -= step * speed
+            if task[1] <= 1e-12 * max(1.0, now):
+                key, _, start, a = task
+                ends[key] = now
+                spans.append(TaskSpan(rank, a.kind, a.chunk, a.microbatch, start, now))
+                ptr[rank] += 1
+                del running[rank]
+    stuck = [r for r, order in enumerate(orders) if ptr[r] < len(order)]
+    if stuck:
+        waits_at = ", ".join(f"rank {r} at {orders[r][ptr[r]]}" for r in stuck)
+        raise AutoparError(f"pipeline order deadlocks: {waits_at} wait forever; "
+                           "the orders must come from one schedule (action_orders)")
+    return Timeline(tasks=spans, step_s=now, num_ranks=pp)
+
+
 def step_time(orders: Sequence[Sequence[Action]], fwd_s: Sequence[float], bwd_s: Sequence[float],
               p2p_s: float | Sequence[float] = 0.0) -> float:
     """Predicted pipeline time of one step (seconds): see :func:`simulate`."""

@@ -34,7 +34,7 @@ def plot_plan(path: str | Path, timeline: Timeline, stage_memory_bytes: Mapping[
 
     Args:
         path: output file; ``.png`` or ``.svg`` picks the format.
-        timeline: from :func:`autopar.cost.pipeline.simulate`.
+        timeline: from :func:`autopar.cost.pipeline.simulate` (or ``simulate_shared``).
         stage_memory_bytes: named parts (e.g. weights, grads, optimizer,
             activations, reserve), each bytes per pipeline rank; stacked in
             the order given.

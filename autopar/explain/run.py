@@ -164,14 +164,15 @@ def check_plot_size(plan) -> None:
 
 def write_plot(path: Path, best, profile: ModelProfile, spec: ClusterSpec, opts=None) -> Path:
     """Timeline of the best plan's step (the task DAG, with the estimate's cost options) and its memory per rank."""
-    from autopar.cost.model import chunk_times
-    from autopar.cost.pipeline import action_orders, simulate
+    from autopar.cost.model import chunk_times, shared_speeds
+    from autopar.cost.pipeline import action_orders, simulate, simulate_shared
     from autopar.explain.plot import plot_plan
 
     plan = best.plan
     fwd, bwd, p2p = chunk_times(profile, spec, plan, opts)
     orders = action_orders(plan.schedule.value, plan.pp, plan.virtual_stages, plan.num_microbatches)
-    timeline = simulate(orders, fwd, bwd, p2p)
+    speeds = shared_speeds(plan, spec)  # ranks sharing their cores: the DAG the estimate runs
+    timeline = simulate_shared(orders, fwd, bwd, speeds, p2p) if speeds else simulate(orders, fwd, bwd, p2p)
     parts = {name: [s.memory_bytes[name] for s in best.cost.stages]
              for name in ("weights", "grads", "optimizer", "activations", "transient", "reserve")}
     return plot_plan(path, timeline, parts, spec.device.memory_bytes, f"{profile.name}: {plan.describe()}")

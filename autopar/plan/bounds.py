@@ -198,8 +198,9 @@ class PlannerBounds:
         return self._dp_bounds[cand]
 
     def _opt_s(self, cand: Candidate, params: float) -> float:
-        hbm = self.cluster.device.hbm_bytes_per_s * self.opts.memory_efficiency
-        return optimizer_step_s(cand, params, hbm)
+        dev = self.cluster.device  # the traffic alone (no per-tensor cost): never above the model's
+        rate = dev.optimizer_bytes_per_s or dev.hbm_bytes_per_s * self.opts.memory_efficiency
+        return optimizer_step_s(cand, params, rate, fused=self.opts.optimizer_fused)
 
     @staticmethod
     def _bytes_per_param(cand: Candidate) -> float:
