@@ -758,3 +758,26 @@ def test_interleaved_timing_takes_each_functions_samples_in_turn_and_keeps_their
     timed = "".join(calls[2:])  # after one warm-up call each
     assert timed.startswith("a" * (timed.index("b"))) and timed.count("ab") == 3 and timed.count("ba") == 2
     assert calls[:2] == ["a", "b"] and timed.count("a") > timed.count("b")
+
+
+def test_the_cpu_time_a_hypervisor_stole_is_read_from_proc_stat_and_reported():
+    """/proc/stat's first line: user nice system idle iowait irq softirq steal (ticks). The share stolen
+    between two readings is the steal's growth over the total's; the report says so from 1%."""
+    from autopar.bench.report import markdown, steal_note
+    from autopar.bench.results import host_cpu_ticks, steal_share
+
+    before = host_cpu_ticks("cpu  100 0 50 800 10 0 5 35 0 0")
+    after = host_cpu_ticks("cpu  600 0 150 1000 10 0 5 235 0 0")
+    assert before == (35, 1000) and after == (235, 2000)
+    assert steal_share(before, after) == pytest.approx(0.2)
+    assert steal_share(None, after) is None and steal_share(after, before) is None
+    assert host_cpu_ticks("cpu0 1 2 3") is None and host_cpu_ticks("intr 5 6 7 8 9 10 11 12") is None
+    here = host_cpu_ticks()  # this machine's, where it has them
+    assert here is None or 0 <= here[0] <= here[1]
+    record = {"where": {"cpu_steal_share": 0.2, "device": "cpu"}}
+    assert "20.0%" in steal_note(record)
+    assert steal_note({"where": {"cpu_steal_share": 0.005}}) is None and steal_note({"where": {}}) is None
+    record = _record()
+    assert "steal" not in markdown(record)
+    record["where"]["cpu_steal_share"] = 0.2
+    assert "Note: the hypervisor took 20.0% of this machine's CPU time" in markdown(record)

@@ -87,6 +87,10 @@ def test_ci_workflow(tmp_path):
     base, pr = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("base", "pr"))
     assert "### autopar bench" in (tmp_path / "summary.md").read_text()  # the markdown summary was appended
     assert [x["kind"] for x in pr["layouts"]] == ["chosen", "top", "ddp"]
+    for record, where in ((pr, pr["where"]), (base, json.loads((tmp_path / "cluster.json").read_text())["measured"]
+                                                   ["where"])):  # the CPU time stolen while it ran, where known
+        share = where["cpu_steal_share"]
+        assert share is None or 0 <= share <= 1, record["command"]
     for x in pr["layouts"]:
         assert x["measured"]["step_time"]["steps"] == 2 and x["measured"]["step_time"]["median_s"] > 0
         if x["kind"] != "ddp":  # the executor planned with the calibrated cluster (its option cluster=)

@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from autopar.bench.results import host_cpu_ticks, steal_share
 from autopar.cluster import GIB, MEASURED_FORMAT_VERSION, cluster_from_dict
 from autopar.errors import AutoparError
 
@@ -241,10 +242,13 @@ def run_calibrate(*, nproc: int, out: Path, models: list[str] = (), seq_len: int
             target.append("--quick")
         cmd = torchrun_command(nproc, target, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
                                rdzv_id=rdzv_id)
+        ticks_before = host_cpu_ticks()
         run_job(cmd, "calibrate", env=job_env(nproc))
         if not raw_path.is_file():
             return None
-        data = cluster_json(json.loads(raw_path.read_text()), command)
+        raw = json.loads(raw_path.read_text())
+        raw["where"]["cpu_steal_share"] = steal_share(ticks_before, host_cpu_ticks())
+        data = cluster_json(raw, command)
     cluster_from_dict(json.loads(json.dumps(data)), name=out.stem)  # what explain will read must load
     out.write_text(json.dumps(data, indent=1) + "\n")
     return data

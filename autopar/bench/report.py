@@ -9,6 +9,9 @@ from autopar.bench.compare import Finding, failed
 MIB = 2**20
 ERROR_BAND = 0.25
 """The band drawn around predicted = measured (the issue's acceptance: within 25%)."""
+STEAL_NOTE_SHARE = 0.01
+"""The stolen share of the host's CPU time from which the report says so: a percent of the cores is past
+the timer noise of a few-second run and moves a CPU step by as much."""
 
 
 def _row(x: dict) -> dict[str, str]:
@@ -62,9 +65,21 @@ def print_table(record: dict, findings: list[Finding] | None = None) -> None:
         console.print("; ".join(parts))
     if record["job"].get("calibration"):
         console.print(f"cluster: {escape(record['job']['calibration'])}")
+    if steal_note(record):
+        console.print(f"[yellow]note[/yellow] {escape(steal_note(record))}")
     for f in findings or []:
         style = "red" if f.failed else "yellow"
         console.print(f"[{style}]{'FAIL' if f.failed else 'note'}[/{style}] {escape(f.message)}")
+
+
+def steal_note(record: dict) -> str | None:
+    """What the report says when the hypervisor took :data:`STEAL_NOTE_SHARE` or more of the host's CPU
+    time while the bench ran (``where.cpu_steal_share``); None otherwise."""
+    stolen = record["where"].get("cpu_steal_share")
+    if stolen is None or stolen < STEAL_NOTE_SHARE:
+        return None
+    return (f"the hypervisor took {stolen:.1%} of this machine's CPU time while it ran (steal): the steps "
+            "measured slower than the machine's own, and than a calibration made without it")
 
 
 def markdown(record: dict, findings: list[Finding] | None = None, baseline_name: str | None = None) -> str:
@@ -83,6 +98,8 @@ def markdown(record: dict, findings: list[Finding] | None = None, baseline_name:
     lines.append("|" + "|".join("---" if c in ("layout", "plan") else "---:" for c in rows[0]) + "|")
     for r in rows:
         lines.append("| " + " | ".join(v.replace("|", "\\|") for v in r.values()) + " |")
+    if steal_note(record):
+        lines += ["", f"Note: {steal_note(record)}."]
     if findings is not None:
         lines += ["", f"Compared with `{baseline_name}`:" if baseline_name else "Compared with the baseline:"]
         notes = [f"- {'❌' if f.failed else 'ℹ️'} {f.message}" for f in findings]

@@ -16,6 +16,37 @@ COUNTED_TERMS = ("weights", "grads", "optimizer", "activations", "batch")
 and send buffers exist too but are not counted on CPU."""
 
 
+PROC_STAT = "/proc/stat"
+"""Linux's CPU time counters since boot; its first line sums every CPU: user, nice, system, idle, iowait,
+irq, softirq, steal (proc(5)), in clock ticks."""
+
+
+def host_cpu_ticks(text: str | None = None) -> tuple[int, int] | None:
+    """(steal, total) clock ticks of every CPU since boot from ``/proc/stat`` (or ``text``): steal being the
+    time a hypervisor ran something else while this virtual machine had work for its CPU. None where there
+    is no such file or no steal column (not Linux, or a kernel before 2.6.11)."""
+    if text is None:
+        try:
+            with open(PROC_STAT) as f:
+                text = f.readline()
+        except OSError:
+            return None
+    fields = text.split()
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    ticks = [int(x) for x in fields[1:9]]
+    return ticks[7], sum(ticks)
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the host's CPU time that was stolen between two :func:`host_cpu_ticks` readings: what
+    the machine took from a run beside it (a busy neighbour on a cloud VM or CI runner), so that a
+    measurement slower than its prediction can be told from a model that is wrong. None without both."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def step_stats(times_by_round: list[list[float]]) -> dict:
     """Median, quartiles, extremes and per-round medians of the timed steps (seconds)."""
     times = sorted(t for rnd in times_by_round for t in rnd)

@@ -100,7 +100,8 @@ def run_synthetic(req: BenchRequest, job: Job, layouts: list[Layout]) -> list[di
     return raw["layouts"]
 
 
-def build_record(req: BenchRequest, job: Job, entries: list[dict], device_name: str, load_before: float) -> dict:
+def build_record(req: BenchRequest, job: Job, entries: list[dict], device_name: str, load_before: float,
+                 ticks_before: tuple[int, int] | None = None) -> dict:
     """The bench record (docs/bench.md) from the workers' entries."""
     tokens = job.global_batch * job.seq_len
     flops = R.mfu_flops(entries)
@@ -114,7 +115,8 @@ def build_record(req: BenchRequest, job: Job, entries: list[dict], device_name: 
         "where": {"host": socket.gethostname(), "device": device_name, "cpus": os.cpu_count(),
                   "platform": platform.platform(), "torch": torch.__version__,
                   "autopar": __import__("autopar").__version__,
-                  "load_avg_1min": {"before": load_before, "after": os.getloadavg()[0]}},
+                  "load_avg_1min": {"before": load_before, "after": os.getloadavg()[0]},
+                  "cpu_steal_share": R.steal_share(ticks_before, R.host_cpu_ticks())},
         "job": {"model": job.arch.name, "config": job.arch.raw,
                 "script": str(req.script) if req.script else None, "world_size": job.world_size,
                 "ranks_per_node": job.ranks_per_node, "global_batch": job.global_batch, "seq_len": job.seq_len,
@@ -127,7 +129,7 @@ def build_record(req: BenchRequest, job: Job, entries: list[dict], device_name: 
 
 def run_bench(req: BenchRequest) -> dict:
     """Plan the layouts, run them, return the record (see the module docstring)."""
-    load_before = os.getloadavg()[0]
+    load_before, ticks_before = os.getloadavg()[0], R.host_cpu_ticks()
     pinned = [parse_layout(text) for text in req.layouts]
     device_type, device, device_name = detect_device()
     if req.script is not None:
@@ -146,7 +148,7 @@ def run_bench(req: BenchRequest) -> dict:
         layouts = choose_layouts(job, top=req.top, pinned=pinned, chosen=req.chosen, baseline=req.baseline)
         entries = run_synthetic(req, job, layouts)
     _warn_replanned(entries)
-    return build_record(req, job, entries, device_name, load_before)
+    return build_record(req, job, entries, device_name, load_before, ticks_before)
 
 
 def _warn_replanned(entries: list[dict]) -> None:
