@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from autopar.cost.data_parallel import optimizer_step_s  # noqa: E402
+from autopar.cost.data_parallel import optimizer_rate, optimizer_step_s  # noqa: E402
 from autopar.cost.layers import CostOptions, layer_costs  # noqa: E402
 from autopar.launch import Launch, launch_cluster  # noqa: E402
 from autopar.plan.types import Precision  # noqa: E402
@@ -116,7 +116,7 @@ def main() -> None:
         opt_meas = best_of(opt.step)
         params = sum(q.numel() for q in model.parameters())
         plan_like = type("P", (), {"dp": 1, "zero_stage": 0, "precision": Precision.FP32})()
-        rate = cluster.device.optimizer_bytes_per_s or cluster.device.hbm_bytes_per_s * CostOptions().memory_efficiency
+        rate = optimizer_rate(cluster.device, CostOptions().memory_efficiency)
         tensors = sum(1 for _ in model.parameters())
         opt_pred = optimizer_step_s(plan_like, params, rate, tensors, cluster.overhead_s("adamw_tensor"))
         print(f"{arch.name} AdamW step: predicted {opt_pred:.3f} s, measured {opt_meas:.3f} s "

@@ -65,8 +65,9 @@ def print_table(record: dict, findings: list[Finding] | None = None) -> None:
         console.print("; ".join(parts))
     if record["job"].get("calibration"):
         console.print(f"cluster: {escape(record['job']['calibration'])}")
-    if steal_note(record):
-        console.print(f"[yellow]note[/yellow] {escape(steal_note(record))}")
+    note = steal_note(record)
+    if note:
+        console.print(f"[yellow]note[/yellow] {escape(note)}")
     for f in findings or []:
         style = "red" if f.failed else "yellow"
         console.print(f"[{style}]{'FAIL' if f.failed else 'note'}[/{style}] {escape(f.message)}")
@@ -98,8 +99,9 @@ def markdown(record: dict, findings: list[Finding] | None = None, baseline_name:
     lines.append("|" + "|".join("---" if c in ("layout", "plan") else "---:" for c in rows[0]) + "|")
     for r in rows:
         lines.append("| " + " | ".join(v.replace("|", "\\|") for v in r.values()) + " |")
-    if steal_note(record):
-        lines += ["", f"Note: {steal_note(record)}."]
+    note = steal_note(record)
+    if note:
+        lines += ["", f"Note: {note}."]
     if findings is not None:
         lines += ["", f"Compared with `{baseline_name}`:" if baseline_name else "Compared with the baseline:"]
         notes = [f"- {'❌' if f.failed else 'ℹ️'} {f.message}" for f in findings]

@@ -227,6 +227,12 @@ def dtensor_params(layout) -> bool:
     return layout.tp > 1 or dp_wrapper(layout) in (Wrapper.REPLICATE, Wrapper.FULLY_SHARD)
 
 
+def optimizer_rate(device, memory_efficiency: float) -> float:
+    """Bytes per second the optimizer's traffic moves at on ``device`` (a DeviceSpec): the measured rate of
+    torch's AdamW (``autopar calibrate``'s ``adamw`` row), else the achieved HBM bandwidth."""
+    return device.optimizer_bytes_per_s or device.hbm_bytes_per_s * memory_efficiency
+
+
 def optimizer_step_s(layout, params: float, bytes_per_s: float, tensors: float = 0.0, tensor_s: float = 0.0,
                      fused: bool = False) -> float:
     """The AdamW step over a device's share of ``params`` (sharded over dp under ZeRO 2 and 3) held in

@@ -34,6 +34,7 @@ from autopar.cost.data_parallel import (
     dp_wrapper,
     dtensor_params,
     executed_zero_stage,
+    optimizer_rate,
     optimizer_step_s,
 )
 from autopar.plan.types import Plan, Schedule
@@ -385,7 +386,7 @@ def _optimizer_s(dev: _Device, plan: Plan, cluster: ClusterSpec, opts: CostOptio
     """One device's AdamW step: its traffic at the measured rate (else the achieved HBM bandwidth), the
     measured cost per parameter tensor (plain or DTensor, as the executor holds them), and on a CPU the
     temporaries it maps in fresh."""
-    rate = cluster.device.optimizer_bytes_per_s or cluster.device.hbm_bytes_per_s * opts.memory_efficiency
+    rate = optimizer_rate(cluster.device, opts.memory_efficiency)
     per_tensor = cluster.overhead_s("adamw_dtensor" if dtensor_params(plan) else "adamw_tensor")
     return (optimizer_step_s(plan, dev.params, rate, dev.tensors, per_tensor, opts.optimizer_fused)
             + _fresh_s(dev.optimizer_fresh_bytes, cluster))

@@ -18,7 +18,7 @@ from functools import lru_cache
 import numpy as np
 
 from autopar.cost import constants as C
-from autopar.cost.data_parallel import dp_bytes_per_param, dp_exposed_s, optimizer_step_s
+from autopar.cost.data_parallel import dp_bytes_per_param, dp_exposed_s, optimizer_rate, optimizer_step_s
 from autopar.cost.layers import LayerCost, collective_s, layer_costs
 from autopar.cost.model import _chunk_fwd_bwd, costs_for_micro_batch, inflight_per_chunk
 from autopar.plan.space import Candidate
@@ -198,8 +198,7 @@ class PlannerBounds:
         return self._dp_bounds[cand]
 
     def _opt_s(self, cand: Candidate, params: float) -> float:
-        dev = self.cluster.device  # the traffic alone (no per-tensor cost): never above the model's
-        rate = dev.optimizer_bytes_per_s or dev.hbm_bytes_per_s * self.opts.memory_efficiency
+        rate = optimizer_rate(self.cluster.device, self.opts.memory_efficiency)  # no per-tensor cost: a bound
         return optimizer_step_s(cand, params, rate, fused=self.opts.optimizer_fused)
 
     @staticmethod
