@@ -289,6 +289,8 @@ def test_a_pipeline_on_shared_cores_runs_its_dag_at_the_shared_speeds():
     assert shared_speeds(flat, cluster) is None
     alone = dataclasses.replace(cluster, shared_slowdown=1.0)
     assert shared_speeds(pp4, alone) is None
+    # a device per rank with a measured slowdown just above 1 (noise): no rank ever waits for a device
+    assert shared_speeds(pp4, dataclasses.replace(cluster, ranks_per_device=1.0, shared_slowdown=1.02)) is None
     fwd, bwd, _ = chunk_times(profile, cluster, pp4)
     orders = action_orders(Schedule.ONE_F_ONE_B.value, 4, 1, 4)
     dag = simulate_shared(orders, fwd, bwd, shared_speeds(pp4, cluster)).step_s

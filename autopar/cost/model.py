@@ -481,7 +481,9 @@ def _simulate_shared(schedule: Schedule, fwd: tuple[float, ...], bwd: tuple[floa
 
 def shared_speeds(plan: Plan, cluster: ClusterSpec) -> tuple[float, ...] | None:
     """The speed of a pipeline rank while k of ``plan``'s pp compute at once, for k = 0..pp, on ranks that
-    share their devices ([Note: ranks sharing a device]); None where they do not, or without a pipeline."""
+    share their devices ([Note: ranks sharing a device]); None where they do not, without a pipeline, or
+    where no number of busy ranks exceeds the devices (every speed 1: the plain sweep's longest path, which
+    the planner's hot path takes with its extrapolation)."""
     if plan.pp == 1 or cluster.shared_slowdown <= 1.0:
         return None
     ranks = min(cluster.gpus_per_node, plan.dp * plan.tp * plan.pp)  # a node's ranks in the plan
@@ -490,7 +492,7 @@ def shared_speeds(plan: Plan, cluster: ClusterSpec) -> tuple[float, ...] | None:
     for k in range(1, plan.pp + 1):
         busy = k * ranks / plan.pp  # each pipeline rank's dp x tp peers compute with it
         speeds.append(1.0 if busy <= units else min(1.0, ranks / (cluster.shared_slowdown * busy)))
-    return tuple(speeds)
+    return tuple(speeds) if min(speeds) < 1.0 else None
 
 
 @lru_cache(maxsize=256)
