@@ -8,6 +8,7 @@ here), so a plan shows in about a second.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from enum import Enum
@@ -183,6 +184,12 @@ def run(
         _fail(err)
     from torch.distributed.run import main as torchrun
 
+    from autopar.execute.heap import launch_env
+
+    try:
+        os.environ.update(launch_env())  # CPU ranks start with the executor's heap (docs/executor.md#the-cpu-heap)
+    except AutoparError as err:
+        _fail(err)
     argv = ["--nproc-per-node", str(nproc), "--nnodes", nnodes]
     if rdzv_endpoint:
         argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv_id or "autopar"]

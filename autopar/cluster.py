@@ -90,7 +90,8 @@ class DeviceSpec:
     fresh_page_bytes_per_s: float = 0.0
     """Bytes per second at which one rank alone maps in freshly mapped pages (a CPU's page faults on an
     allocation of glibc's mmap size, each page zeroed on first touch), measured by ``autopar calibrate``'s
-    ``fresh_pages`` row; 0 prices none (GPUs: CUDA's caching allocator reuses its blocks).
+    ``fresh_pages`` row; 0 prices none (GPUs: CUDA's caching allocator reuses its blocks; a CPU on the
+    executor's heap, which keeps them: autopar.execute.heap [Note: the CPU heap]).
     autopar.cost.fresh_pages [Note: fresh pages] says which buffers pay it."""
     optimizer_bytes_per_s: float = 0.0
     """Measured rate of torch's AdamW step over the traffic the cost model counts for it

@@ -14,7 +14,10 @@ For each layout, built by the one line on the model (fp32, 128 tokens a sequence
 - ``priced``: the bytes the cost model maps in fresh for the rank's pipeline stage
   (``StageCost.fresh_page_bytes``).
 
-The rest of the counted bytes is what the model should price, and the faulted bytes are what the step
+The executor keeps a CPU rank's heap by default (autopar.execute.heap [Note: the CPU heap]): a step then
+faults nothing in after the first ones, and nothing is priced. What this benchmark counts is glibc's own
+heap: run it with ``AUTOPAR_CPU_HEAP=release`` (for torchrun's ranks, which autopar's launchers do not
+start). The rest of the counted bytes is what the model should price, and the faulted bytes are what the step
 touches anew; where the model prices an allocation the step never touches, or misses one, the columns say
 so. The constants behind the count (autopar.cost.constants, "Fresh pages") were read off this benchmark's
 allocations.

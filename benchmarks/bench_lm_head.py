@@ -9,7 +9,9 @@ samples), and prints what the cost model charges for the same micro-batch on ``-
 forward and backward (its matmuls at the measured matmul rates, the loss's counted traffic at
 ``device.loss_TBps``) plus, on a calibrated CPU, the loss's fresh pages at ``device.fresh_pages_GBps``
 (autopar.cost.fresh_pages). A loss rate timed over freshly mapped logits charges every size the faults of
-a large one; timed from the heap and with the faults priced apart, each size pays what it maps.
+a large one; timed from the heap and with the faults priced apart, each size pays what it maps. The
+process runs on glibc's own heap (it never starts the executor, whose CPU heap keeps its pages:
+autopar.execute.heap), so compare it with a calibration made with ``AUTOPAR_CPU_HEAP=release``.
 """
 
 from __future__ import annotations

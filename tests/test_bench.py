@@ -169,6 +169,7 @@ def test_calibrated_cluster_json_round_trips():
     assert cluster.measured_collective("all_reduce", 2, False) == pytest.approx((1e-3, 1e9))
     assert cluster.measured_send(False) == pytest.approx((1e-4, 2e9))
     assert "autopar calibrate -n 2 --out c.json on testhost" in cluster.calibration
+    assert "torch 2.13.0, CPU heap retained)" in cluster.calibration  # autopar.execute.heap
     assert cluster.device.measured_matmul == ((128, 256, 256, pytest.approx(5e10)),)
     # the scalar links are the fastest measured: the all-reduce's 1 ms over its 2 ring steps is 0.5 ms a
     # step at 1 GB/s x 2 steps / 2 ranks; the send's 0.1 ms at 2 GB/s is faster on both counts
@@ -214,7 +215,7 @@ def _raw_calibration() -> dict:
     sends = [{"stride": 1, "inter_node": False, "bytes": n, "seconds": 1e-4 + n / 2e9} for n in (256, 8 << 20)]
     return {"where": {"host": "testhost", "device_type": "cpu", "device_name": "test cpu",
                       "device_memory_bytes": 8 * 2**30, "world_size": 2, "ranks_per_node": 2, "nodes": 1,
-                      "backend": "gloo", "torch": "2.13.0"},
+                      "backend": "gloo", "torch": "2.13.0", "cpu_heap": "retained"},
             "dtype": "fp32", "when": "2026-11-30T00:00:00+00:00", "runtime_memory_bytes": 2**28,
             "sharing": {"ranks_per_unit": 2.0, "shared_slowdown": 2.2},
             "overheads": {"op_s": 3e-6, "autograd_op_s": 2.5e-5, "module_s": 6e-5, "barrier_s": 1e-3},

@@ -151,31 +151,44 @@ def test_the_rate_goes_from_calibrate_through_the_cluster_json_and_is_checked():
         cluster_from_dict(data, name="c")
 
 
-def test_calibrate_measures_fresh_pages_on_a_cpu_only():
-    """The row maps 64 MiB anew per call and times it against the same fill of a preallocated buffer; a
-    GPU's caching allocator has no such cost (no row)."""
+def _fresh_pages_row_in(env: dict) -> str:
+    """[the policy applied, the row printed] of :func:`fresh_pages_row` in a fresh process that first
+    applies the executor's CPU heap policy (autopar.execute.heap) with ``env`` over this environment (a
+    None value: the variable unset)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from autopar.execute.heap import keep_cpu_heap; print(keep_cpu_heap()); "
+            "from autopar.bench.primitives import fresh_pages_row; "
+            "print(fresh_pages_row(torch.float32, torch.device('cpu')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in {**os.environ, **env}.items() if v is not None})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-2:]
+
+
+def test_calibrate_measures_fresh_pages_on_a_heap_that_releases_them():
+    """On glibc's own heap (``AUTOPAR_CPU_HEAP=release``) the row maps 64 MiB anew per call and times it
+    against the same fill of a preallocated buffer; a GPU's caching allocator has no such cost (no row)."""
+    import ast
+
     import torch
 
     from autopar.bench.primitives import FRESH_PAGES_BYTES, fresh_pages_row
 
     assert FRESH_PAGES_BYTES >= 2 * C.FRESH_MAP_BYTES
-    row = fresh_pages_row(torch.float32, torch.device("cpu"))
+    policy, printed = _fresh_pages_row_in({"AUTOPAR_CPU_HEAP": "release"})
+    assert policy == "released"
+    row = ast.literal_eval(printed)
     assert row["kernel"] == "fresh_pages" and row["bytes"] == FRESH_PAGES_BYTES
     assert 1e8 < row["bytes_per_s"] < 1e12
     assert fresh_pages_row(torch.float32, torch.device("cuda")) is None
 
 
-def test_an_allocator_that_keeps_its_memory_leaves_no_fresh_pages_to_price():
-    """With glibc told never to map and never to trim (``mallopt``; jemalloc and tcmalloc keep their
-    memory too), the fresh allocation costs what the preallocated fill does: calibrate writes no rate,
-    and the model prices none."""
-    import subprocess
-    import sys
-
-    code = ("import ctypes; libc = ctypes.CDLL('libc.so.6'); "
-            "assert libc.mallopt(-4, 0) == 1 and libc.mallopt(-1, 1 << 30) == 1; "  # M_MMAP_MAX, M_TRIM_THRESHOLD
-            "import torch; from autopar.bench.primitives import fresh_pages_row; "
-            "print(fresh_pages_row(torch.float32, torch.device('cpu')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "None"
+def test_the_executors_heap_leaves_no_fresh_pages_to_price():
+    """The executor's default CPU heap (autopar.execute.heap: glibc told never to map and never to trim;
+    jemalloc and tcmalloc keep their memory too) makes the fresh allocation cost what the preallocated
+    fill does: calibrate writes no rate, and the model prices none."""
+    assert _fresh_pages_row_in({"AUTOPAR_CPU_HEAP": None}) == ["retained", "None"]
+    assert _fresh_pages_row_in({"AUTOPAR_CPU_HEAP": "retain"}) == ["retained", "None"]

@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from autopar.bench.launcher import progress
 from autopar.bench.memory import RankMemory, SavedBytes, static_bytes
+from autopar.execute.heap import keep_cpu_heap
 
 SEED = 0
 LEARNING_RATE = 1e-3
@@ -240,6 +241,7 @@ def _device() -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         torch.cuda.set_device(device)
         return device
+    keep_cpu_heap()  # the executor's heap ([Note: the CPU heap]); the plain DDP row shares it
     return torch.device("cpu")
 
 

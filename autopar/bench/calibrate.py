@@ -84,8 +84,9 @@ def cluster_json(raw: dict, command: str) -> dict:
     kernels = [k for k in raw["elementwise"] if k["kernel"] not in OWN_RATE_ROWS]
     hbm = len(kernels) / sum(1.0 / k["bytes_per_s"] for k in kernels)  # each kernel moving the same bytes
     rates = {k["kernel"]: k["bytes_per_s"] for k in raw["elementwise"]}
+    heap = f", CPU heap {where['cpu_heap']}" if where.get("cpu_heap") else ""
     calibration = (f"{command} on {where['host']} ({where['device_name']}, {where['world_size']} ranks, "
-                   f"{where['backend']}, torch {where['torch']}) at {raw['when']}")
+                   f"{where['backend']}, torch {where['torch']}{heap}) at {raw['when']}")
     colls = _fits(raw.get("collectives", []), lambda r: (r["op"], r["group"], r["inter_node"]))
     p2p = _fits(raw.get("p2p", []), lambda r: (r["inter_node"],))
     device = {

@@ -22,6 +22,8 @@ import torch.distributed as dist
 
 from autopar.bench import primitives as P
 from autopar.bench.launcher import progress as _progress
+from autopar.execute.heap import applied as _heap_applied
+from autopar.execute.heap import keep_cpu_heap
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -160,6 +162,7 @@ def _device() -> torch.device:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
         return device
+    keep_cpu_heap()  # the executor's heap: calibrate measures the rates it will run at ([Note: the CPU heap])
     return torch.device("cpu")
 
 
@@ -178,7 +181,7 @@ def _where(device: torch.device, world: int, local: int, backend: str) -> dict:
             "device_name": name, "device_memory_bytes": memory, "cpus": os.cpu_count(),
             "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0, "backend": backend,
             "world_size": world, "ranks_per_node": local, "nodes": max(1, world // local),
-            "omp_num_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "omp_num_threads": torch.get_num_threads(), "cpu_heap": _heap_applied(), "torch": torch.__version__,
             "python": platform.python_version(), "autopar": __import__("autopar").__version__}
 
 

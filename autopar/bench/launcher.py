@@ -53,10 +53,14 @@ def job_env(nproc: int, extra: dict | None = None) -> dict:
     """The workers' environment, as ``autopar run`` gives a script: one thread per rank where several ranks
     share the node, unless the user set OMP_NUM_THREADS (torchrun's own default), every core for a single
     rank (a GPU rank's host-side work, such as initialising a model on the CPU, then uses the whole host);
-    unbuffered output."""
+    unbuffered output; on a CPU, the executor's heap from the start (autopar.execute.heap
+    [Note: the CPU heap])."""
+    from autopar.execute.heap import launch_env
+
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     if nproc > 1:
         env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(launch_env(env))
     env.update(extra or {})
     return env
 

@@ -65,12 +65,28 @@ def print_table(record: dict, findings: list[Finding] | None = None) -> None:
         console.print("; ".join(parts))
     if record["job"].get("calibration"):
         console.print(f"cluster: {escape(record['job']['calibration'])}")
-    note = steal_note(record)
-    if note:
+    for note in notes(record):
         console.print(f"[yellow]note[/yellow] {escape(note)}")
     for f in findings or []:
         style = "red" if f.failed else "yellow"
         console.print(f"[{style}]{'FAIL' if f.failed else 'note'}[/{style}] {escape(f.message)}")
+
+
+def notes(record: dict) -> list[str]:
+    """What the reader of the figures should know about how they were taken: :func:`steal_note` and
+    :func:`heap_note`."""
+    return [n for n in (steal_note(record), heap_note(record)) if n]
+
+
+def heap_note(record: dict) -> str | None:
+    """What the report says when the CPU ranks' heap did not do what it did while the cluster was calibrated
+    (autopar.execute.heap [Note: the CPU heap]); None otherwise."""
+    ran, calibrated = record["where"].get("cpu_heap"), record["job"].get("calibration_cpu_heap")
+    if not ran or not calibrated or ran.split()[0] == calibrated.split()[0]:
+        return None
+    return (f"the ranks' CPU heap was {ran} but {calibrated} while the cluster was calibrated: the predictions "
+            "price page faults by the calibration's heap; run autopar calibrate again "
+            "(docs/executor.md#the-cpu-heap)")
 
 
 def steal_note(record: dict) -> str | None:
@@ -99,13 +115,12 @@ def markdown(record: dict, findings: list[Finding] | None = None, baseline_name:
     lines.append("|" + "|".join("---" if c in ("layout", "plan") else "---:" for c in rows[0]) + "|")
     for r in rows:
         lines.append("| " + " | ".join(v.replace("|", "\\|") for v in r.values()) + " |")
-    note = steal_note(record)
-    if note:
+    for note in notes(record):
         lines += ["", f"Note: {note}."]
     if findings is not None:
         lines += ["", f"Compared with `{baseline_name}`:" if baseline_name else "Compared with the baseline:"]
-        notes = [f"- {'❌' if f.failed else 'ℹ️'} {f.message}" for f in findings]
-        lines += notes or ["- no change beyond the noise"]
+        found = [f"- {'❌' if f.failed else 'ℹ️'} {f.message}" for f in findings]
+        lines += found or ["- no change beyond the noise"]
     return "\n".join(lines) + "\n"
 
 

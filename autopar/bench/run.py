@@ -101,8 +101,9 @@ def run_synthetic(req: BenchRequest, job: Job, layouts: list[Layout]) -> list[di
 
 
 def build_record(req: BenchRequest, job: Job, entries: list[dict], device_name: str, load_before: float,
-                 ticks_before: tuple[int, int] | None = None) -> dict:
-    """The bench record (docs/bench.md) from the workers' entries."""
+                 ticks_before: tuple[int, int] | None = None, cpu_heap: str | None = None) -> dict:
+    """The bench record (docs/bench.md) from the workers' entries; ``cpu_heap``: what the CPU ranks' heap
+    did (autopar.execute.heap [Note: the CPU heap]), None on GPUs."""
     tokens = job.global_batch * job.seq_len
     flops = R.mfu_flops(entries)
     layouts = [R.layout_record(e, tokens, flops) for e in entries]
@@ -116,15 +117,28 @@ def build_record(req: BenchRequest, job: Job, entries: list[dict], device_name: 
                   "platform": platform.platform(), "torch": torch.__version__,
                   "autopar": __import__("autopar").__version__,
                   "load_avg_1min": {"before": load_before, "after": os.getloadavg()[0]},
-                  "cpu_steal_share": R.steal_share(ticks_before, R.host_cpu_ticks())},
+                  "cpu_steal_share": R.steal_share(ticks_before, R.host_cpu_ticks()),
+                  "cpu_heap": cpu_heap},
         "job": {"model": job.arch.name, "config": job.arch.raw,
                 "script": str(req.script) if req.script else None, "world_size": job.world_size,
                 "ranks_per_node": job.ranks_per_node, "global_batch": job.global_batch, "seq_len": job.seq_len,
-                "precision": job.precision.value, "cluster": job.cluster, "calibration": calibration},
+                "precision": job.precision.value, "cluster": job.cluster, "calibration": calibration,
+                "calibration_cpu_heap": calibration_cpu_heap(job.cluster) if cpu_heap else None},
         "settings": {"warmup": req.warmup, "steps": req.steps, "rounds": req.rounds, "interleaved": True},
         "layouts": layouts,
         "summary": R.summary(layouts),
     }
+
+
+def calibration_cpu_heap(cluster: str | None) -> str | None:
+    """What the CPU heap did while ``autopar calibrate`` measured ``cluster`` (a cluster JSON's
+    ``measured.where.cpu_heap``): ``released`` for calibrations before autopar kept the heap (2026-12-01),
+    None for a preset or a cluster nobody calibrated."""
+    if not cluster or not cluster.endswith(".json") or not Path(cluster).is_file():
+        return None
+    measured = json.loads(Path(cluster).read_text()).get("measured") or {}
+    where = measured.get("where") or {}
+    return where.get("cpu_heap") or ("released" if where.get("device_type") == "cpu" else None)
 
 
 def run_bench(req: BenchRequest) -> dict:
@@ -148,7 +162,10 @@ def run_bench(req: BenchRequest) -> dict:
         layouts = choose_layouts(job, top=req.top, pinned=pinned, chosen=req.chosen, baseline=req.baseline)
         entries = run_synthetic(req, job, layouts)
     _warn_replanned(entries)
-    return build_record(req, job, entries, device_name, load_before, ticks_before)
+    from autopar.execute.heap import policy
+
+    return build_record(req, job, entries, device_name, load_before, ticks_before,
+                        cpu_heap=policy() if device_type == "cpu" else None)
 
 
 def _warn_replanned(entries: list[dict]) -> None:

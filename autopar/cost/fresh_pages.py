@@ -4,7 +4,9 @@
 freshly mapped pages and unmaps them when the tensor is freed, so every such tensor faults its pages in
 (the kernel zeroes each one) on every call: on the development VM 2.7-3.9 GB/s on one core, a tenth of a
 copy. CUDA's caching allocator reuses its blocks: on a GPU nothing here is priced (the device's
-``fresh_page_bytes_per_s`` is 0 unless ``autopar calibrate`` measured a CPU's).
+``fresh_page_bytes_per_s`` is 0 unless ``autopar calibrate`` measured a CPU's). Nor on a CPU rank on the
+executor's heap, which keeps what a step frees (autopar.execute.heap [Note: the CPU heap]): calibrate's
+ranks run on it too and measure no rate. What follows prices glibc's own heap (``AUTOPAR_CPU_HEAP=release``).
 
 What a measured kernel allocates is in its measured rate already: a matmul's output (``autopar calibrate``
 times ``a @ b`` at the model's own shapes, the LM head's logits and weight gradient included). The other

@@ -143,6 +143,12 @@ def enable(**options) -> None:
     if disabled:
         return
     _state["options"] = opts
+    from autopar.execute.runtime import runtime_from_env
+
+    if runtime_from_env().device.type == "cpu":
+        from autopar.execute.heap import keep_cpu_heap
+
+        keep_cpu_heap()  # before the model's first tensor ([Note: the CPU heap])
     if "originals" in _state:
         return
     orig_fp = PreTrainedModel.from_pretrained.__func__

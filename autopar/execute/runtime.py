@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from autopar.cluster import PRESETS, ClusterSpec, DeviceSpec
+from autopar.execute.heap import keep_cpu_heap
 from autopar.launch import DEFAULT_MEMORY_HEADROOM, Launch, env_int, launch_cluster, torchrun_world
 from autopar.plan.types import Precision
 
@@ -64,6 +65,8 @@ def detect_runtime() -> Runtime:
     world, rank, device = rt.world_size, rt.rank, rt.device
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        keep_cpu_heap()  # [Note: the CPU heap]
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
