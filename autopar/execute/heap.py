@@ -7,7 +7,7 @@ so a CPU rank faults in, and the kernel zeroes, its logits, its loss's tensors, 
 and AdamW's temporaries on every step (autopar.cost.fresh_pages [Note: fresh pages]). What that costs is
 not a property of the model or of the processor alone: on the development VM (a KVM guest whose free pages
 are reported back to the host) a loop faulted 0.4 s a GiB, while a pipeline's last stage faulted the same
-buffers at 1.2-1.6 s a GiB, and in bursts spent 87% of 5 seconds zeroing pages (perf, 2026-12-01: the
+buffers at 1.2-1.3 s a GiB of kernel time, and in bursts spent 87% of 5 seconds zeroing pages (perf, 2026-12-01: the
 kernel's ``clear_page_erms``), so no calibrated rate predicted it (docs/bench.md, "the CPU heap").
 
 On a CPU the executor therefore tells glibc (``mallopt``) never to serve an allocation from its own
@@ -54,8 +54,9 @@ LAUNCH_TUNABLES = (("glibc.malloc.mmap_max", 0), ("glibc.malloc.trim_threshold",
 while the per-thread cache holds those small chunks, they stay in use and a freed large block cannot merge
 back into the free space before it, so the heap grows by the block again. ``mallopt`` cannot turn the cache
 off: with only it (a script launched by plain ``torchrun``) a 64 MiB buffer allocated and freed over and
-over faulted in anew 6 times before the heap held it (448 MiB of heap), and a pipeline's ranks still
-faulted 50-230 MiB in some steps after the first two; with the cache off, once and none (2026-12-01,
+over faulted in 6-8 times before the heap held it, and a pipeline's ranks still
+faulted 46-275 MiB in some steps after the first two; with the cache off, the buffer once, and the
+pipeline's ranks 0-50 MiB in a few steps after the second (2026-12-01,
 tests/test_heap.py and docs/executor.md#the-cpu-heap)."""
 
 _state: dict[str, str] = {}
